@@ -1,0 +1,31 @@
+# smtprelay-py: `make run` starts the relay with smtprelay.ini, `make test` runs the suite.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+ifeq ($(OS),Windows_NT)
+PY     := $(VENV)/Scripts/python.exe
+endif
+
+.PHONY: run test check bench exe test-exe clean
+
+$(VENV)/.runtime: requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt
+	touch $@
+
+$(VENV)/.dev: requirements.txt requirements-dev.txt $(VENV)/.runtime
+	$(PY) -m pip install -q -r requirements-dev.txt
+	touch $@
+
+run: $(VENV)/.runtime
+	$(PY) relay.py smtprelay.ini
+
+test: $(VENV)/.dev
+	$(PY) -m pytest -q --timeout=120 tests
+
+check: $(VENV)/.runtime
+	$(PY) relay.py -check smtprelay.ini
+
+clean:
+	rm -rf $(VENV) build dist .pytest_cache .hypothesis outbox

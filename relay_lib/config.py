@@ -1,0 +1,440 @@
+"""Configuration: the option table, the Go smtprelay file format, and the
+layering defaults < file < SMTPRELAY_* environment < flags (SPEC 2).
+
+Owns every raw option string. Nothing outside this module parses one: it
+hands out a frozen `Settings`. Parsers raise ValueError(reason); `load`
+turns that into ConfigError(option, reason). No logging, no exit here.
+"""
+
+import ipaddress
+import os
+import re
+import shlex
+import ssl
+import sys
+from dataclasses import dataclass, field, fields as dataclass_fields
+from types import MappingProxyType
+from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Pattern, Tuple
+
+from .logs import FORMATS, LEVELS, mask_url
+from .remotes import Remote, parse_remote
+
+ENV_PREFIX = "SMTPRELAY_"
+TLS_PROFILES = ("default", "modern", "intermediate", "legacy")
+LISTEN_SCHEMES = {"": "plain", "tls://": "tls", "starttls://": "starttls"}
+
+
+class ConfigError(Exception):
+    """A configuration mistake: which option, and why."""
+
+    def __init__(self, option: str, reason: str):
+        super().__init__("config: %s: %s" % (option, reason))
+        self.option = option
+        self.reason = reason
+
+
+class Listener(NamedTuple):
+    scheme: str  # plain, tls or starttls
+    host: str    # without brackets; "" is every address
+    port: int
+
+    def __str__(self) -> str:
+        host = "[%s]" % self.host if ":" in self.host else self.host
+        prefix = "" if self.scheme == "plain" else self.scheme + "://"
+        return "%s%s:%d" % (prefix, host, self.port)
+
+
+# -- value parsers: text in, value out, ValueError(reason) on a mistake ------
+
+_DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "\u00b5s": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|\u00b5s|ms|s|m|h)")
+
+
+def parse_duration(text: str) -> float:
+    """A Go duration string (`500ms`, `60s`, `1h30m`) in seconds."""
+    text = text.strip()
+    if text == "0":
+        return 0.0
+    pos, total = 0, 0.0
+    while pos < len(text):
+        m = _DURATION_PART.match(text, pos)
+        if not m:
+            raise ValueError("%r is not a duration (examples: 500ms, 60s, 5m, 1h30m)" % text)
+        total += float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+        pos = m.end()
+    if not text:
+        raise ValueError("empty duration (examples: 500ms, 60s, 5m, 1h30m)")
+    return total
+
+
+def _timeout(minimum: float) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        seconds = parse_duration(text)
+        if seconds < minimum:
+            raise ValueError("%s is too short (at least %gs)" % (text, minimum))
+        return seconds
+    return parse
+
+
+_TRUE = ("1", "t", "true", "yes", "on")
+_FALSE = ("0", "f", "false", "no", "off", "")
+
+
+def parse_bool(text: str) -> bool:
+    low = text.strip().lower()
+    if low in _TRUE:
+        return True
+    if low in _FALSE:
+        return False
+    raise ValueError("%r is not a boolean (use true or false)" % text)
+
+
+def _integer(minimum: int, allow_unlimited: bool = False) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text.strip())
+        except ValueError:
+            raise ValueError("%r is not a whole number" % text) from None
+        if allow_unlimited and value == -1:
+            return value
+        if value < minimum:
+            raise ValueError("%d is below the minimum %d%s" % (value, minimum, " (or -1 for unlimited)" if allow_unlimited else ""))
+        return value
+    return parse
+
+
+def _unmap(net):
+    """An IPv4-mapped IPv6 network (::ffff:a.b.c.d/n) as the IPv4 network it means."""
+    if net.version == 6 and net.prefixlen >= 96 and net.network_address.ipv4_mapped is not None:
+        return ipaddress.ip_network("%s/%d" % (net.network_address.ipv4_mapped, net.prefixlen - 96))
+    return net
+
+
+def parse_nets(text: str) -> tuple:
+    """Space- or comma-separated CIDRs; a bare address means just that host."""
+    nets = []
+    for item in text.replace(",", " ").split():
+        try:
+            nets.append(_unmap(ipaddress.ip_network(item, strict=True)))
+        except ValueError:
+            try:
+                loose = ipaddress.ip_network(item, strict=False)
+            except ValueError:
+                raise ValueError("%s is not a network in CIDR form (like 10.0.0.0/8)" % item) from None
+            raise ValueError("%s has host bits set (did you mean %s?)" % (item, loose)) from None
+    return tuple(nets)
+
+
+def parse_regex(text: str) -> Optional[Pattern]:
+    if not text:
+        return None
+    try:
+        return re.compile(text)
+    except re.error as exc:
+        raise ValueError("%r is not a valid regex: %s" % (text, exc)) from None
+
+
+def parse_listen(text: str) -> Tuple[Listener, ...]:
+    listeners = []
+    for item in text.split():
+        scheme = "plain"
+        for prefix, name in LISTEN_SCHEMES.items():
+            if prefix and item.lower().startswith(prefix):
+                scheme, item = name, item[len(prefix):]
+        if "://" in item:
+            raise ValueError("unknown scheme in %r (use tls://, starttls:// or none)" % item)
+        m = re.fullmatch(r"\[([0-9A-Fa-f:.%\w]+)\]:(\d+)|([^:\[\]]*):(\d+)", item)
+        if not m:
+            raise ValueError("%r is not host:port (IPv6 as [::1]:25)" % item)
+        host = m.group(1) if m.group(1) is not None else m.group(3)
+        port = int(m.group(2) or m.group(4))
+        if port > 65535:
+            raise ValueError("port %d in %r is out of range" % (port, item))
+        listeners.append(Listener(scheme, host, port))
+    if not listeners:
+        raise ValueError("no listen address given")
+    return tuple(listeners)
+
+
+def _choice(*allowed: str) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        low = text.strip().lower()
+        if low not in allowed:
+            raise ValueError("%r is not one of %s" % (text, ", ".join(allowed)))
+        return low
+    return parse
+
+
+def _text(text: str) -> str:
+    return text
+
+
+def _optional(text: str) -> Optional[str]:
+    return text or None
+
+
+def parse_command(text: str) -> Tuple[str, ...]:
+    try:
+        return tuple(shlex.split(text, posix=os.name != "nt"))
+    except ValueError as exc:
+        raise ValueError("%r: %s" % (text, exc)) from None
+
+
+def parse_webhook_url(text: str) -> Optional[str]:
+    if text and not re.match(r"https?://[^/\s]", text, re.IGNORECASE):
+        raise ValueError("%s is not an http:// or https:// URL" % mask_url(text))
+    return text or None
+
+
+class Option(NamedTuple):
+    """One row of the option table: it drives file, env, flags and -check."""
+
+    name: str
+    default: str
+    parse: Callable[[str], Any]
+    help: str
+    path: bool = False     # relative to the config file's folder
+    secret: bool = False   # masked in -check output
+
+
+OPTIONS: Tuple[Option, ...] = (
+    Option("logfile", "", _optional, "log file; empty logs to stderr (rotated at 10 MB, 3 kept)", path=True),
+    Option("log_format", "default", _choice(*FORMATS), "default, plain or json"),
+    Option("log_level", "info", _choice(*LEVELS), "panic, fatal, error, warn, info, debug or trace"),
+    Option("hostname", "localhost.localdomain", _text, "name in the greeting, EHLO reply and Received header"),
+    Option("welcome_msg", "", _text, "greeting text; empty means '<hostname> ESMTP ready.'"),
+    Option("listen", "127.0.0.1:25 [::1]:25", parse_listen, "addresses to listen on; tls:// or starttls:// prefixes"),
+    Option("local_cert", "", _optional, "PEM certificate chain for tls:// and starttls:// listeners", path=True),
+    Option("local_key", "", _optional, "PEM private key for local_cert", path=True),
+    Option("tls_profile", "default", _choice(*TLS_PROFILES), "default, modern, intermediate or legacy"),
+    Option("local_forcetls", "false", parse_bool, "refuse MAIL and AUTH before STARTTLS"),
+    Option("read_timeout", "60s", _timeout(1.0), "deadline for reading each command line"),
+    Option("write_timeout", "60s", _timeout(1.0), "limit for each reply write"),
+    Option("data_timeout", "5m", _timeout(1.0), "limit for receiving one whole message"),
+    Option("max_connections", "100", _integer(1, allow_unlimited=True), "concurrent sessions; -1 is unlimited"),
+    Option("max_message_size", "10240000", _integer(1), "largest message in bytes"),
+    Option("max_recipients", "100", _integer(1), "most RCPT per message"),
+    Option("allowed_nets", "127.0.0.0/8 ::1/128", parse_nets, "networks allowed to connect; empty is any"),
+    Option("allowed_sender", "", parse_regex, "regex a MAIL FROM address must match"),
+    Option("allowed_recipients", "", parse_regex, "regex each RCPT TO address must match"),
+    Option("allowed_users", "", _optional, "users file; when set, AUTH is required", path=True),
+    Option("aliases_file", "", _optional, "aliases file: 'alias target' per line", path=True),
+    Option("remotes", "", _text, "space-separated remote URLs"),
+    Option("strict_sender", "false", parse_bool, "use only remotes whose /sender is the envelope sender"),
+    Option("remote_certificate", "", _optional, "client certificate for TLS to remotes", path=True),
+    Option("remote_key", "", _optional, "private key for remote_certificate", path=True),
+    Option("remote_timeout", "60s", _timeout(0.001), "connect and per-command timeout towards remotes"),
+    Option("remote_pool_size", "4", _integer(0), "idle connections kept per remote; 0 disables reuse"),
+    Option("remote_pool_idle", "30s", _timeout(0.001), "close a pooled remote connection idle this long"),
+    Option("command", "", parse_command, "program that receives each message on stdin"),
+    Option("webhook_url", "", parse_webhook_url, "scanning webhook URL"),
+    Option("webhook_timeout", "30s", _timeout(0.001), "total time for one webhook call"),
+    Option("webhook_secret", "", _optional, "HMAC-SHA256 key for the webhook signature header", secret=True),
+)
+OPTION_NAMES = {o.name: o for o in OPTIONS}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The effective, validated configuration. Immutable; passed as an argument."""
+
+    logfile: Optional[str]
+    log_format: str
+    log_level: str
+    hostname: str
+    welcome_msg: str
+    listen: Tuple[Listener, ...]
+    local_cert: Optional[str]
+    local_key: Optional[str]
+    tls_profile: str
+    local_forcetls: bool
+    read_timeout: float
+    write_timeout: float
+    data_timeout: float
+    max_connections: int
+    max_message_size: int
+    max_recipients: int
+    allowed_nets: tuple
+    allowed_sender: Optional[Pattern]
+    allowed_recipients: Optional[Pattern]
+    allowed_users: Optional[str]
+    aliases_file: Optional[str]
+    remotes: Tuple[Remote, ...]
+    strict_sender: bool
+    remote_certificate: Optional[str]
+    remote_key: Optional[str]
+    remote_timeout: float
+    remote_pool_size: int
+    remote_pool_idle: float
+    command: Tuple[str, ...]
+    webhook_url: Optional[str]
+    webhook_timeout: float
+    webhook_secret: Optional[str] = field(repr=False)
+    config_path: Optional[str] = None
+    base_dir: str = "."
+    raw: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
+
+
+# -- the Go smtprelay file format (SPEC 2.2) ----------------------------------
+
+def read_file(path: str) -> Dict[str, Tuple[str, int]]:
+    """Parse an ini file into {option: (value, line number)}.
+
+    Raises:
+        ConfigError: unreadable file or unknown key.
+    """
+    try:
+        with open(path, "r", encoding="utf-8-sig", newline=None) as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError("config", "cannot read %s: %s" % (path, getattr(exc, "strerror", None) or exc)) from None
+    values = {}
+    for number, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line or line[0] in "#;" or (line.startswith("[") and line.endswith("]")):
+            continue
+        key, sep, value = line.partition("=")
+        key = key.strip()
+        value = _strip_value(value) if sep else "true"
+        if key not in OPTION_NAMES:
+            raise ConfigError(key, "unknown option (%s line %d)" % (os.path.basename(path), number))
+        values[key] = (value, number)
+    return values
+
+
+def _strip_value(value: str) -> str:
+    value = value.strip()
+    if len(value) >= 2 and value[0] == '"':
+        end = value.find('"', 1)
+        if end > 0 and (end == len(value) - 1 or value[end + 1:].lstrip()[:1] in ("#", ";")):
+            return value[1:end]
+    for marker in (" #", " ;", "\t#", "\t;"):
+        cut = value.find(marker)
+        if cut >= 0:
+            value = value[:cut]
+    return value.strip()
+
+
+# -- layering and validation ----------------------------------------------
+
+def load(config_path: Optional[str] = None, flags: Optional[Mapping[str, str]] = None,
+         environ: Optional[Mapping[str, str]] = None) -> Settings:
+    """Build Settings from defaults < file < environment < flags.
+
+    Raises:
+        ConfigError: the first mistake found, naming its option.
+    """
+    environ = os.environ if environ is None else environ
+    raw = {o.name: o.default for o in OPTIONS}
+    base_dir = os.getcwd()
+    if config_path:
+        config_path = os.path.abspath(config_path)
+        base_dir = os.path.dirname(config_path)
+        for key, (value, _) in read_file(config_path).items():
+            raw[key] = value
+    for option in OPTIONS:
+        env_name = ENV_PREFIX + option.name.upper()
+        if env_name in environ:
+            raw[option.name] = environ[env_name]
+    for key, value in (flags or {}).items():
+        if key not in OPTION_NAMES:
+            raise ConfigError(key, "unknown option")
+        raw[key] = value
+    values = {}
+    for option in OPTIONS:
+        text = raw[option.name].strip()
+        try:
+            value = option.parse(text)
+        except ValueError as exc:
+            raise ConfigError(option.name, str(exc)) from None
+        if option.path and value:
+            value = os.path.normpath(os.path.join(base_dir, value))
+        values[option.name] = value
+    values["remotes"] = _parse_remotes(raw["remotes"], base_dir)
+    if not values["welcome_msg"]:
+        values["welcome_msg"] = "%s ESMTP ready." % values["hostname"]
+    settings = Settings(config_path=config_path, base_dir=base_dir,
+                        raw=MappingProxyType(dict(raw)), **values)
+    _validate(settings)
+    return settings
+
+
+def from_file(path: str, overrides: Optional[Mapping[str, str]] = None) -> Settings:
+    """Load a file with some options overridden, ignoring the environment."""
+    return load(path, overrides, environ={})
+
+
+def _parse_remotes(text: str, base_dir: str) -> Tuple[Remote, ...]:
+    remotes = []
+    for url in text.split():
+        try:
+            remotes.append(parse_remote(url, base_dir))
+        except ValueError as exc:
+            raise ConfigError("remotes", str(exc)) from None
+    return tuple(remotes)
+
+
+def _validate(s: Settings) -> None:
+    """Rules that involve more than one option or the file system."""
+    tls_listeners = [l for l in s.listen if l.scheme != "plain"]
+    if bool(s.local_cert) != bool(s.local_key):
+        raise ConfigError("local_cert" if s.local_key else "local_key",
+                          "local_cert and local_key go together; set both or neither")
+    if tls_listeners and not s.local_cert:
+        raise ConfigError("listen", "%s needs local_cert and local_key" % (tls_listeners[0],))
+    if s.local_cert:
+        _check_cert_pair("local_cert", s.local_cert, s.local_key)
+    if bool(s.remote_certificate) != bool(s.remote_key):
+        raise ConfigError("remote_certificate" if s.remote_key else "remote_key",
+                          "remote_certificate and remote_key go together; set both or neither")
+    if s.remote_certificate:
+        _check_cert_pair("remote_certificate", s.remote_certificate, s.remote_key)
+    if s.allowed_users:
+        plain = [l for l in s.listen if l.scheme == "plain"]
+        if plain:
+            raise ConfigError("allowed_users", "AUTH needs TLS, but listener %s is plain "
+                              "(use starttls:// or tls://)" % (plain[0],))
+    for name in ("allowed_users", "aliases_file"):
+        path = getattr(s, name)
+        if path and not os.path.isfile(path):
+            raise ConfigError(name, "cannot read %s: no such file" % path)
+    if s.strict_sender and not any(r.sender for r in s.remotes):
+        raise ConfigError("strict_sender", "no remote has a /sender, so no message could be sent")
+
+
+def _check_cert_pair(option: str, cert: str, key: Optional[str]) -> None:
+    for path in (cert, key):
+        if not os.path.isfile(path):
+            raise ConfigError(option, "cannot read %s: no such file" % path)
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(cert, key)
+    except (ssl.SSLError, OSError) as exc:
+        reason = getattr(exc, "reason", None) or getattr(exc, "strerror", None) or str(exc)
+        raise ConfigError(option, "cannot load %s with its key: %s" % (cert, reason)) from None
+
+
+def describe(settings: Settings) -> List[str]:
+    """`option = value` lines of the effective settings, secrets masked (-check)."""
+    lines = []
+    for option in OPTIONS:
+        value = settings.raw.get(option.name, option.default)
+        if option.secret and value:
+            value = "***"
+        elif option.name == "remotes":
+            value = " ".join(r.masked() for r in settings.remotes)
+        elif option.name == "webhook_url":
+            value = mask_url(value)
+        elif option.name == "welcome_msg":
+            value = settings.welcome_msg
+        elif option.path and getattr(settings, option.name):
+            value = getattr(settings, option.name)
+        lines.append("%s = %s" % (option.name, value))
+    return lines
+
+
+def _check_table() -> None:
+    names = [f.name for f in dataclass_fields(Settings)][:len(OPTIONS)]
+    assert names == [o.name for o in OPTIONS], "Settings fields and OPTIONS disagree"
+
+
+_check_table()

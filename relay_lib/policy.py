@@ -1,0 +1,179 @@
+"""Policy: small pure decisions that return a Reply to refuse, or None.
+
+Owns who may connect, send, receive and authenticate, and the two tables
+that are re-read when their file changes (users, aliases). Must not touch
+sockets or log: callers log one warning with the reason.
+"""
+
+import ipaddress
+import os
+import threading
+from typing import Dict, List, Optional, Tuple
+
+import bcrypt
+
+from . import replies
+from .config import Settings
+from .logs import fields, log
+from .remotes import route
+from .replies import Reply
+
+# A real hash of a random password: checked against when the user is unknown,
+# so a wrong user name costs the same time as a wrong password.
+_DUMMY_HASH = b"$2b$10$0cuKQ60zkIBqBp5sFB.AS.faJA9ZujW39yOaz6uN8QZmVqQn/Aczm"
+
+
+def peer_address(ip: str):
+    """The client address, with IPv4-mapped IPv6 (::ffff:a.b.c.d) as IPv4."""
+    addr = ipaddress.ip_address(ip.split("%", 1)[0])
+    if addr.version == 6 and addr.ipv4_mapped is not None:
+        return addr.ipv4_mapped
+    return addr
+
+
+def check_peer(settings: Settings, ip: str) -> Optional[Reply]:
+    """allowed_nets at connect (SPEC 3.1)."""
+    if not settings.allowed_nets:
+        return None
+    addr = peer_address(ip)
+    if any(addr.version == net.version and addr in net for net in settings.allowed_nets):
+        return None
+    return replies.ACCESS_DENIED
+
+
+def addr_allowed(addr: str, allowed: List[str]) -> bool:
+    """Per-user allowed senders (SPEC 2.4): exact, @domain, or bare local name."""
+    addr = addr.lower()
+    domain = addr.rpartition("@")[2] if "@" in addr else ""
+    for entry in allowed:
+        entry = entry.lower()
+        if entry.startswith("@"):
+            if entry[1:] == domain:
+                return True
+        elif entry == addr:
+            return True
+    return False
+
+
+def check_sender(settings: Settings, users: Optional["Users"], user: Optional[str], addr: str) -> Optional[Reply]:
+    """allowed_sender and the user's own allowed-from list."""
+    if settings.allowed_sender is not None and not settings.allowed_sender.search(addr):
+        return replies.SENDER_NOT_ALLOWED
+    if user is not None and users is not None:
+        allowed = users.allowed_from(user)
+        if allowed is not None and not addr_allowed(addr, allowed):
+            return replies.SENDER_NOT_ALLOWED
+    return None
+
+
+def check_recipient(settings: Settings, addr: str) -> Optional[Reply]:
+    """allowed_recipients."""
+    if settings.allowed_recipients is not None and not settings.allowed_recipients.search(addr):
+        return replies.RECIPIENT_NOT_ALLOWED
+    return None
+
+
+def check_route(settings: Settings, aliases: "Aliases", sender: str, rcpt: str) -> Optional[Reply]:
+    """Refuse at RCPT a recipient that no remote would receive (SPEC 5.2)."""
+    if not settings.remotes or settings.command:
+        return None
+    target = aliases.resolve(rcpt)
+    if route(settings.remotes, sender, [target], settings.strict_sender):
+        return None
+    return replies.NO_ROUTE
+
+
+class _WatchedFile:
+    """A table loaded from a file and swapped whole when its mtime changes."""
+
+    def __init__(self, path: Optional[str]):
+        self.path = path
+        self._stamp: Optional[Tuple[float, int]] = None
+        self._lock = threading.Lock()
+        self.table: Dict = {}
+        self._refresh()
+
+    def _refresh(self) -> Dict:
+        if not self.path:
+            return self.table
+        try:
+            st = os.stat(self.path)
+        except OSError as exc:
+            if self._stamp is not None:
+                log.warning("cannot read file, keeping the last good copy",
+                            extra=fields(file=self.path, error=exc.strerror))
+                self._stamp = None
+            return self.table
+        stamp = (st.st_mtime, st.st_size)
+        if stamp != self._stamp:
+            with self._lock:
+                if stamp != self._stamp:
+                    try:
+                        with open(self.path, "r", encoding="utf-8-sig") as f:
+                            self.table = self._parse(f.read().splitlines())
+                        self._stamp = stamp
+                    except (OSError, UnicodeDecodeError) as exc:
+                        log.warning("cannot read file, keeping the last good copy",
+                                    extra=fields(file=self.path, error=str(exc)))
+        return self.table
+
+    def _parse(self, lines: List[str]) -> Dict:
+        raise NotImplementedError
+
+    def _skip(self, number: int, why: str) -> None:
+        log.warning("skipping malformed line", extra=fields(file=self.path, line=number, reason=why))
+
+
+class Users(_WatchedFile):
+    """The allowed_users file (SPEC 2.4): `user bcrypt-hash [from,...]`."""
+
+    def _parse(self, lines: List[str]) -> Dict[str, Tuple[str, bytes, Optional[List[str]]]]:
+        table = {}
+        for number, line in enumerate(lines, 1):
+            parts = line.split()
+            if not parts or parts[0].startswith("#"):
+                continue
+            if len(parts) not in (2, 3):
+                self._skip(number, "expected: user bcrypt-hash [allowed-from,...]")
+                continue
+            name, hashed = parts[0], parts[1]
+            if not hashed.startswith(("$2a$", "$2b$", "$2y$")):
+                self._skip(number, "not a bcrypt hash ($2a$, $2b$ or $2y$)")
+                continue
+            allowed = [a for a in parts[2].split(",") if a] if len(parts) == 3 else None
+            # bcrypt's $2y$ (htpasswd -B) is the same algorithm as $2b$.
+            table[name.lower()] = (name, ("$2b$" + hashed[4:]).encode("ascii", "replace"), allowed)
+        return table
+
+    def authenticate(self, username: str, password: str) -> Optional[str]:
+        """The user's name when the password matches, else None. Slow on purpose."""
+        entry = self._refresh().get(username.lower())
+        hashed = entry[1] if entry else _DUMMY_HASH
+        try:
+            ok = bcrypt.checkpw(password.encode("utf-8", "surrogateescape"), hashed)
+        except ValueError:
+            ok = False
+        return entry[0] if entry and ok else None
+
+    def allowed_from(self, username: str) -> Optional[List[str]]:
+        entry = self._refresh().get(username.lower())
+        return entry[2] if entry else []
+
+
+class Aliases(_WatchedFile):
+    """The aliases file: `alias target` per line, compared case-insensitively."""
+
+    def _parse(self, lines: List[str]) -> Dict[str, str]:
+        table = {}
+        for number, line in enumerate(lines, 1):
+            parts = line.split()
+            if not parts or parts[0].startswith("#"):
+                continue
+            if len(parts) != 2:
+                self._skip(number, "expected: alias target")
+                continue
+            table[parts[0].lower()] = parts[1]
+        return table
+
+    def resolve(self, addr: str) -> str:
+        return self._refresh().get(addr.lower(), addr)
