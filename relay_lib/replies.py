@@ -82,6 +82,8 @@ STARTTLS_FIRST = Reply(530, "5.7.0", "Must issue a STARTTLS command first")
 
 AUTH_OK = Reply(235, "2.7.0", "Authentication successful")
 AUTH_CONTINUE = Reply(334, "", "")
+AUTH_USERNAME = Reply(334, "", "VXNlcm5hbWU6")  # base64 "Username:" (AUTH LOGIN)
+AUTH_PASSWORD = Reply(334, "", "UGFzc3dvcmQ6")  # base64 "Password:"
 ALREADY_AUTHENTICATED = Reply(503, "5.5.1", "Already authenticated")
 UNKNOWN_MECHANISM = Reply(504, "5.5.4", "Unrecognized authentication mechanism")
 AUTH_BAD_BASE64 = Reply(501, "5.5.2", "Cannot decode response")
