@@ -5,21 +5,28 @@ Owns the order of delivery steps. Must not touch the client socket: it takes
 an envelope and the message bytes and returns the one reply for the client.
 """
 
-import json
+import base64
 import os
+import re
 import secrets
-import tempfile
+import smtplib
+import subprocess
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from email.utils import format_datetime
 from typing import List, Optional, Tuple
 
-from . import replies
+from . import remotes, replies, webhook
 from .config import Settings
 from .logs import fields, log
 from .policy import Aliases
-from .replies import Reply
+from .replies import Reply, clean_echo
+
+EX_TEMPFAIL = 75  # sysexits.h: the command asks the client to retry (SPEC 4.3)
+# Base64 grows a message by 4/3; the scanner may add headers or a disclaimer.
+WEBHOOK_ANSWER_SLACK = 1024 * 1024
+_ENHANCED = re.compile(r"^([245])\.\d{1,3}\.\d{1,3}$")
 
 
 @dataclass
@@ -63,58 +70,166 @@ def received_header(settings: Settings, env: Envelope) -> bytes:
 
 
 class Delivery:
-    """Runs the delivery steps of SPEC 4 for each message."""
+    """Runs the delivery steps of SPEC 4 for each message; safe to share between threads."""
 
     def __init__(self, settings: Settings):
         self.settings = settings
         self.aliases = Aliases(settings.aliases_file)
+        self.dispatcher = remotes.Dispatcher(
+            settings.hostname, settings.remote_timeout,
+            client_cert=settings.remote_certificate, client_key=settings.remote_key,
+            pool_size=settings.remote_pool_size, pool_idle=settings.remote_pool_idle)
 
     def deliver(self, env: Envelope, body: bytes) -> Reply:
-        """Deliver one message; returns the client's reply, never raises."""
+        """Deliver one message; returns the client's reply, never raises.
+
+        `body` is the message after dot-unstuffing, with CRLF line ends and
+        without the Received header, which is prepended here.
+        """
         started = time.monotonic()
-        env.rcpts = [self.aliases.resolve(r) for r in env.rcpts]
-        message = received_header(self.settings, env) + body
-        env.size = len(message)
-        results = []
-        reply = replies.accepted(env.id)
+        results: List[str] = []
         try:
-            if not self.settings.remotes:
-                reply = replies.NO_REMOTE
-            for remote in self.settings.remotes:
-                if remote.scheme == "file":
-                    write_file(remote.path, env, message)
-                    results.append("%s ok" % remote.masked())
-        except OSError as exc:
-            log.error("file remote failed", extra=fields(id=env.id, error=str(exc)))
+            reply = self._deliver(env, body, results)
+        # The session must always get a reply and the client keeps the
+        # message on a 4xx; a bug here must not kill the session thread.
+        except Exception:  # noqa: BLE001
+            log.exception("delivery failed", extra=fields(id=env.id))
             reply = replies.FORWARD_TEMPFAIL
         log.info("message", extra=fields(
             id=env.id, peer=env.peer, user=env.user or "", **{"from": env.mail_from},
             to=",".join(env.rcpts), size=env.size, remotes="; ".join(results),
-            result=reply.code, ms=int((time.monotonic() - started) * 1000)))
+            result=str(reply), ms=int((time.monotonic() - started) * 1000)))
         return reply
 
     def close(self) -> None:
-        """Release resources held between messages."""
+        """Close the pooled remote connections."""
+        self.dispatcher.close()
+
+    def _deliver(self, env: Envelope, body: bytes, results: List[str]) -> Reply:
+        s = self.settings
+        env.rcpts = _unique(self.aliases.resolve(r) for r in env.rcpts)
+        message = received_header(s, env) + body
+        env.size = len(message)
+        if not s.remotes and not s.command:
+            return replies.NO_REMOTE
+        plan = remotes.route(s.remotes, env.mail_from, env.rcpts, s.strict_sender)
+        if not s.command:
+            routed = {r for _, rcpts in plan for r in rcpts}
+            if any(r not in routed for r in env.rcpts):
+                # Refused at RCPT normally (SPEC 5.2); reaching here means the
+                # aliases or remotes changed since. Never drop after a 250.
+                results.append("no remote routes a recipient")
+                return replies.NO_ROUTE
+        if s.webhook_url:
+            verdict = self._scan(env, message)
+            results.append("webhook %s" % verdict.action)
+            if verdict.action == webhook.TEMPFAIL:
+                log.warning("webhook failed", extra=fields(id=env.id, reason=verdict.reason))
+                return replies.SCAN_UNAVAILABLE
+            if verdict.action == webhook.REJECT:
+                return Reply(verdict.code, verdict.enhanced, clean_echo(verdict.reason))
+            if verdict.action == webhook.DISCARD:
+                return replies.accepted(env.id)
+            if verdict.action == webhook.REPLACE:
+                message = verdict.message
+        if s.command:
+            reply = self._run_command(env, message)
+            results.append("command %d" % reply.code)
+            if reply.code != 250:
+                return reply
+        for remote, rcpts in plan:
+            try:
+                if remote.scheme == "file":
+                    remotes.write_file(remote.path, env.id, self._envelope_json(env, rcpts, message),
+                                       message)
+                    outcome = "ok"
+                else:
+                    outcome = self.dispatcher.send(remote, env.mail_from, rcpts, message)
+            except Exception as exc:  # noqa: BLE001 (mapped to its SPEC 4.1 reply below)
+                reply = remote_reply(remote, exc)
+                results.append("%s %s" % (remote.masked(), reply.code))
+                log.warning("remote failed", extra=fields(
+                    id=env.id, remote=remote.masked(), error=_describe(exc), reply=str(reply)))
+                return reply
+            results.append("%s %s" % (remote.masked(), outcome))
+        return replies.accepted(env.id)
+
+    def _scan(self, env: Envelope, message: bytes) -> webhook.Verdict:
+        s = self.settings
+        payload = {"id": env.id, "peer": env.peer, "helo": env.helo, "username": env.user,
+                   "tls": bool(env.tls), "from": env.mail_from, "to": env.rcpts,
+                   "size": len(message), "received_at": _utc(env.received_at),
+                   "message": base64.b64encode(message).decode("ascii")}
+        limit = s.max_message_size * 4 // 3 + WEBHOOK_ANSWER_SLACK
+        return webhook.scan(s.webhook_url, payload, s.webhook_secret, s.webhook_timeout, limit)
+
+    def _run_command(self, env: Envelope, message: bytes) -> Reply:
+        """The command step of SPEC 4.3: message on stdin, no shell, data_timeout."""
+        s = self.settings
+        environ = dict(os.environ, SMTPRELAY_FROM=env.mail_from, SMTPRELAY_TO=" ".join(env.rcpts),
+                       SMTPRELAY_PEER=env.peer, SMTPRELAY_ID=env.id)
+        try:
+            done = subprocess.run(list(s.command), input=message, env=environ,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                  timeout=s.data_timeout, check=False)
+        except subprocess.TimeoutExpired:
+            log.warning("command timed out", extra=fields(id=env.id, seconds=s.data_timeout))
+            return replies.COMMAND_TEMPFAIL
+        except OSError as exc:
+            # A missing or unrunnable program is the operator's to fix: retry later.
+            log.error("command cannot run", extra=fields(id=env.id, command=s.command[0],
+                                                          error=str(exc)))
+            return replies.COMMAND_TEMPFAIL
+        if done.returncode == 0:
+            return replies.OK
+        stderr = " ".join(done.stderr.decode("utf-8", "replace").split())[-300:]
+        log.warning("command failed", extra=fields(id=env.id, status=done.returncode, stderr=stderr))
+        return replies.COMMAND_TEMPFAIL if done.returncode == EX_TEMPFAIL else replies.COMMAND_FAILED
+
+    @staticmethod
+    def _envelope_json(env: Envelope, rcpts: List[str], message: bytes) -> dict:
+        return {"id": env.id, "peer": env.peer, "helo": env.helo, "username": env.user,
+                "tls": bool(env.tls), "from": env.mail_from, "to": rcpts, "size": len(message),
+                "received_at": _utc(env.received_at)}
 
 
-def write_file(folder: str, env: Envelope, message: bytes) -> None:
-    """Write `<id>.eml` and `<id>.json` into folder, each atomically."""
-    os.makedirs(folder, exist_ok=True)
-    meta = {"id": env.id, "peer": env.peer, "helo": env.helo, "username": env.user,
-            "tls": bool(env.tls), "from": env.mail_from, "to": env.rcpts,
-            "size": len(message),
-            "received_at": env.received_at.strftime("%Y-%m-%dT%H:%M:%SZ")}
-    _atomic_write(os.path.join(folder, env.id + ".eml"), message)
-    _atomic_write(os.path.join(folder, env.id + ".json"),
-                  json.dumps(meta, indent=2).encode("utf-8"))
+def remote_reply(remote: remotes.Remote, exc: BaseException) -> Reply:
+    """SPEC 4.1: a remote's 5xx passes through, prefixed by its host; the rest is 451 4.4.1."""
+    code, text = 0, b""
+    if isinstance(exc, smtplib.SMTPRecipientsRefused) and exc.recipients:
+        code, text = next(iter(exc.recipients.values()))
+    elif isinstance(exc, smtplib.SMTPResponseException) and not isinstance(
+            exc, smtplib.SMTPAuthenticationError):
+        code, text = exc.smtp_code, exc.smtp_error
+    if not 500 <= code <= 599:
+        return replies.FORWARD_TEMPFAIL
+    words = remotes.reply_text(text).split(" ", 1)
+    enhanced = "5.0.0"
+    if _ENHANCED.match(words[0]) and words[0][0] == "5":
+        enhanced = words[0]
+        words = words[1:]
+    return Reply(code, enhanced, clean_echo("%s: %s" % (remote.host, " ".join(words))).rstrip())
 
 
-def _atomic_write(path: str, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
-    try:
-        with os.fdopen(fd, "wb") as out:
-            out.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, smtplib.SMTPRecipientsRefused):
+        return "recipient refused: %s" % "; ".join(
+            "%s %d %s" % (rcpt, code, remotes.reply_text(text)) for rcpt, (code, text) in exc.recipients.items())
+    if isinstance(exc, smtplib.SMTPResponseException):
+        return "%s: %d %s" % (type(exc).__name__, exc.smtp_code, remotes.reply_text(exc.smtp_error))
+    return "%s: %s" % (type(exc).__name__, str(exc) or "no detail")
+
+
+def _unique(addrs) -> List[str]:
+    """Recipients in order without repeats (two aliases may share a target)."""
+    seen, out = set(), []
+    for addr in addrs:
+        key = addr.lower()
+        if key not in seen:
+            seen.add(key)
+            out.append(addr)
+    return out
+
+
+def _utc(moment: datetime) -> str:
+    return moment.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")

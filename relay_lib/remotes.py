@@ -5,10 +5,18 @@ to an upstream server or writes the `file:` outbox. Must not know about the
 client session: it takes an envelope and bytes and raises on failure.
 """
 
-import re
+import json
 import os
+import re
+import select
+import smtplib
+import socket
+import ssl
+import tempfile
+import threading
+import time
 from dataclasses import dataclass, field
-from typing import Optional, Pattern, Tuple
+from typing import Dict, List, Optional, Pattern, Tuple
 from urllib.parse import unquote, urlsplit, parse_qsl
 
 DEFAULT_PORTS = {"smtp": 25, "starttls": 587, "tls": 465, "smtps": 465}
@@ -140,3 +148,345 @@ def route(remotes: Tuple[Remote, ...], sender: str, rcpts, strict_sender: bool):
         if mine:
             plan.append((remote, mine))
     return plan
+
+
+# ---------------------------------------------------------------------------
+# Sending (SPEC 5.3)
+#
+# Strategy: `Dispatcher.send` runs one SMTP transaction on an smtplib
+# connection taken from a small per-remote pool of connections that already
+# did EHLO, STARTTLS and AUTH. A reused connection first passes a zero-wait
+# readability check (a closed or timed-out connection is readable: EOF or an
+# unsolicited 421), and its transaction starts with RSET. When the remote
+# advertises PIPELINING [R2920], RSET/MAIL/RCPT/DATA go out in one write and
+# the replies are read in order; otherwise one command at a time. Both paths
+# judge the replies with the same code and stop at the first failure, and
+# every failure closes the connection instead of returning it to the pool.
+# Failures are raised as smtplib exceptions; delivery maps them to replies.
+# ---------------------------------------------------------------------------
+
+_DOT_LINE = re.compile(rb"(?m)^\.")
+_QUIT_TIMEOUT = 2.0  # seconds for a polite QUIT when closing idle connections
+_REPLY_TEXT_MAX = 200  # characters of a remote reply kept for logs and errors
+
+
+class SetupFailed(smtplib.SMTPException):
+    """STARTTLS or AUTH towards a remote failed: always temporary (SPEC 4.1).
+
+    A 5xx answer to STARTTLS or AUTH is about our configuration or the remote's
+    TLS setup, not about the message, so it must not bounce the message.
+    """
+
+
+class _Stale(Exception):
+    """A pooled connection turned out dead before the remote saw the message."""
+
+
+class _Conn:
+    """One open, greeted, authenticated smtplib connection."""
+
+    __slots__ = ("smtp", "pipelining", "last_used")
+
+    def __init__(self, smtp: smtplib.SMTP):
+        self.smtp = smtp
+        self.pipelining = smtp.has_extn("pipelining")
+        self.last_used = time.monotonic()
+
+    def looks_alive(self) -> bool:
+        """True unless the socket is readable, which means EOF or an unsolicited reply."""
+        sock = self.smtp.sock
+        if sock is None:
+            return False
+        try:
+            readable, _, _ = select.select([sock], [], [], 0)
+        except (OSError, ValueError):
+            return False
+        return not readable
+
+    def close(self, polite: bool = False) -> None:
+        try:
+            if polite and self.smtp.sock is not None:
+                self.smtp.sock.settimeout(_QUIT_TIMEOUT)
+                self.smtp.quit()
+        except (OSError, smtplib.SMTPException):
+            pass  # the remote went away first; closing below is all that is left
+        finally:
+            self.smtp.close()
+
+
+class Dispatcher:
+    """Sends messages to SMTP remotes over pooled smtplib connections.
+
+    Thread-safe: each connection is used by one thread at a time. At most
+    `pool_size` idle connections are kept per remote (0 disables reuse); a
+    connection idle longer than `pool_idle` seconds is closed.
+    """
+
+    def __init__(self, hostname: str, timeout: float, client_cert: Optional[str] = None,
+                 client_key: Optional[str] = None, pool_size: int = 4, pool_idle: float = 30.0):
+        self.hostname = hostname
+        self.timeout = timeout
+        self.pool_size = pool_size
+        self.pool_idle = pool_idle
+        # One context per verification mode, built once: creating a context
+        # loads the system trust store, far too slow to do per message.
+        self._contexts = {flag: _client_context(flag, client_cert, client_key)
+                          for flag in (False, True)}
+        self._idle: Dict[Remote, List[_Conn]] = {}
+        self._lock = threading.Lock()
+        self._closed = False
+        self._stop = threading.Event()
+        self._reaper: Optional[threading.Thread] = None
+
+    def send(self, remote: Remote, sender: str, rcpts: List[str], message: bytes) -> str:
+        """Send one message to `rcpts` through `remote`; returns the remote's final reply.
+
+        `message` has CRLF line ends and is sent byte for byte (dot-stuffed on
+        the wire [R5321 4.5.2]). `remote.sender`, when set, replaces `sender`.
+
+        Raises:
+            smtplib.SMTPResponseException: the remote refused with this reply
+                (SMTPSenderRefused, SMTPDataError, SMTPConnectError, SMTPHeloError).
+            smtplib.SMTPRecipientsRefused: a recipient was refused; one refusal fails the message.
+            SetupFailed, OSError: STARTTLS or AUTH failed, connection refused,
+                dropped or timed out (smtplib.SMTPException is an OSError).
+        """
+        if remote.sender is not None:
+            sender = remote.sender
+        conn = self._checkout(remote)
+        if conn is not None:
+            try:
+                reply = _transaction(conn, sender, rcpts, message, reused=True)
+            except _Stale:
+                conn.close()  # closed by the remote while idle: nothing was sent, retry
+            except BaseException:
+                conn.close()
+                raise
+            else:
+                self._checkin(remote, conn)
+                return reply
+        conn = self._open(remote)
+        try:
+            reply = _transaction(conn, sender, rcpts, message, reused=False)
+        except _Stale as exc:  # only possible on a reused connection; kept for safety
+            conn.close()
+            raise smtplib.SMTPServerDisconnected(str(exc))
+        except BaseException:
+            conn.close()
+            raise
+        self._checkin(remote, conn)
+        return reply
+
+    def close(self) -> None:
+        """Close every idle connection (with QUIT) and stop the idle reaper."""
+        with self._lock:
+            self._closed = True
+            idle, self._idle = self._idle, {}
+        self._stop.set()
+        for stack in idle.values():
+            for conn in stack:
+                conn.close(polite=True)
+        reaper = self._reaper
+        if reaper is not None and reaper is not threading.current_thread():
+            reaper.join(_QUIT_TIMEOUT)
+
+    def idle_count(self, remote: Remote) -> int:
+        """How many idle connections the pool holds for remote (for tests and logs)."""
+        with self._lock:
+            return len(self._idle.get(remote, ()))
+
+    def _open(self, remote: Remote) -> _Conn:
+        context = self._contexts[remote.skip_verify]
+        if remote.implicit_tls:
+            smtp = smtplib.SMTP_SSL(remote.host, remote.port, local_hostname=self.hostname,
+                                    timeout=self.timeout, context=context)
+        else:
+            smtp = smtplib.SMTP(remote.host, remote.port, local_hostname=self.hostname,
+                                timeout=self.timeout)
+        try:
+            smtp.ehlo_or_helo_if_needed()
+            if not remote.implicit_tls:
+                if smtp.has_extn("starttls"):
+                    try:
+                        smtp.starttls(context=context)
+                    except smtplib.SMTPResponseException as exc:
+                        raise SetupFailed("STARTTLS refused: %d %s" % (exc.smtp_code, reply_text(exc.smtp_error)))
+                    smtp.ehlo_or_helo_if_needed()  # [R3207 4.2]: forget what was said before TLS
+                elif remote.scheme == "starttls":
+                    raise SetupFailed("STARTTLS required but not offered")
+            if remote.username is not None:
+                smtp.user, smtp.password = remote.username, remote.password or ""
+                try:
+                    if remote.auth == "login":
+                        smtp.auth("LOGIN", smtp.auth_login, initial_response_ok=False)
+                    else:
+                        smtp.auth("PLAIN", smtp.auth_plain)
+                except smtplib.SMTPResponseException as exc:
+                    raise SetupFailed("AUTH %s refused: %d %s" % (
+                        remote.auth.upper(), exc.smtp_code, reply_text(exc.smtp_error)))
+                finally:
+                    smtp.password = ""  # not needed again on this connection
+        except BaseException:
+            smtp.close()
+            raise
+        return _Conn(smtp)
+
+    def _checkout(self, remote: Remote) -> Optional[_Conn]:
+        if self.pool_size <= 0:
+            return None
+        while True:
+            with self._lock:
+                stack = self._idle.get(remote)
+                conn = stack.pop() if stack else None
+            if conn is None:
+                return None
+            if time.monotonic() - conn.last_used <= self.pool_idle and conn.looks_alive():
+                return conn
+            conn.close()
+
+    def _checkin(self, remote: Remote, conn: _Conn) -> None:
+        conn.last_used = time.monotonic()
+        with self._lock:
+            keep = not self._closed and self.pool_size > 0
+            stack = self._idle.setdefault(remote, []) if keep else []
+            keep = keep and len(stack) < self.pool_size
+            if keep:
+                stack.append(conn)
+                if self._reaper is None:
+                    self._reaper = threading.Thread(target=self._reap, name="smtprelay-pool-reaper",
+                                                    daemon=True)
+                    self._reaper.start()
+        if not keep:
+            conn.close(polite=True)
+
+    def _reap(self) -> None:
+        """Close connections that stayed idle longer than pool_idle."""
+        period = max(self.pool_idle / 2, 0.05)
+        while not self._stop.wait(period):
+            limit = time.monotonic() - self.pool_idle
+            expired = []
+            with self._lock:
+                for stack in self._idle.values():
+                    expired.extend(c for c in stack if c.last_used < limit)
+                    stack[:] = [c for c in stack if c.last_used >= limit]
+            for conn in expired:
+                conn.close(polite=True)
+
+
+def _client_context(skip_verify: bool, cert: Optional[str], key: Optional[str]) -> ssl.SSLContext:
+    """TLS towards remotes: system trust store and host name check unless skipVerify."""
+    context = ssl.create_default_context()
+    if skip_verify:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    if cert:
+        context.load_cert_chain(cert, key)
+    return context
+
+
+def reply_text(raw) -> str:
+    """A remote's reply text as one printable line, bounded in length."""
+    if isinstance(raw, bytes):
+        raw = raw.decode("utf-8", "replace")
+    text = " ".join(str(raw).split())
+    return text[:_REPLY_TEXT_MAX]
+
+
+def _address(addr: str) -> bytes:
+    return ("<%s>" % addr).encode("utf-8")
+
+
+def _transaction(conn: _Conn, sender: str, rcpts: List[str], message: bytes, reused: bool) -> str:
+    """One MAIL/RCPT/DATA transaction; raises on the first refusal (see Dispatcher.send)."""
+    smtp = conn.smtp
+    options = []
+    if smtp.has_extn("size"):
+        options.append(b" SIZE=%d" % len(message))
+    if not message.isascii() and smtp.has_extn("8bitmime"):
+        options.append(b" BODY=8BITMIME")
+    if not (sender.isascii() and all(r.isascii() for r in rcpts)):
+        if not smtp.has_extn("smtputf8"):
+            # Permanent: this remote can never take these addresses [R6531 3.4].
+            raise smtplib.SMTPSenderRefused(553, b"5.6.7 remote does not support SMTPUTF8",
+                                            sender)
+        options.append(b" SMTPUTF8")
+    steps = [("MAIL", b"MAIL FROM:" + _address(sender) + b"".join(options) + b"\r\n", sender)]
+    steps.extend(("RCPT", b"RCPT TO:" + _address(r) + b"\r\n", r) for r in rcpts)
+    steps.append(("DATA", b"DATA\r\n", None))
+    if reused:
+        steps.insert(0, ("RSET", b"RSET\r\n", None))
+    if conn.pipelining:
+        _write(smtp, b"".join(cmd for _, cmd, _ in steps), stale_ok=reused)
+    for verb, cmd, arg in steps:
+        if not conn.pipelining:
+            _write(smtp, cmd, stale_ok=verb == "RSET")
+        code, text = _read(smtp, stale_ok=verb == "RSET")
+        if verb == "RSET":
+            if code != 250:
+                raise _Stale("RSET answered %d" % code)
+        elif verb == "MAIL" and code != 250:
+            raise smtplib.SMTPSenderRefused(code, text, arg)
+        elif verb == "RCPT" and code not in (250, 251):
+            raise smtplib.SMTPRecipientsRefused({arg: (code, text)})
+        elif verb == "DATA" and code != 354:
+            raise smtplib.SMTPDataError(code, text)
+    if message.startswith(b".") or b"\n." in message:
+        message = _DOT_LINE.sub(b"..", message)
+    if not message.endswith(b"\r\n"):
+        message += b"\r\n"
+    _write(smtp, message + b".\r\n", stale_ok=False)
+    code, text = _read(smtp, stale_ok=False)
+    if not 200 <= code <= 299:
+        raise smtplib.SMTPDataError(code, text)
+    conn.last_used = time.monotonic()
+    return "%d %s" % (code, reply_text(text))
+
+
+def _write(smtp: smtplib.SMTP, data: bytes, stale_ok: bool) -> None:
+    try:
+        smtp.send(data)
+    except smtplib.SMTPServerDisconnected as exc:
+        if stale_ok:
+            raise _Stale(str(exc))
+        raise
+
+
+def _read(smtp: smtplib.SMTP, stale_ok: bool):
+    try:
+        return smtp.getreply()
+    except smtplib.SMTPServerDisconnected as exc:
+        # A timeout is not staleness: retrying would only double the wait.
+        if stale_ok and not isinstance(exc.__context__, socket.timeout):
+            raise _Stale(str(exc))
+        raise
+
+
+def write_file(folder: str, message_id: str, envelope: dict, message: bytes) -> None:
+    """The `file:` remote: `<id>.eml` and then `<id>.json`, each written atomically.
+
+    Each file is written under a temporary name in the same folder, flushed
+    to disk and renamed, so a reader never sees half a message.
+
+    Raises:
+        OSError: the folder is not writable or the disk is full.
+    """
+    os.makedirs(folder, exist_ok=True)
+    _atomic_write(os.path.join(folder, message_id + ".eml"), message)
+    _atomic_write(os.path.join(folder, message_id + ".json"),
+                  json.dumps(envelope, indent=2, ensure_ascii=False).encode("utf-8"))
+
+
+def _atomic_write(path: str, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.write(data)
+            out.flush()
+            os.fsync(out.fileno())  # the client deletes its copy after our 250
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass  # keep the original error
+        raise

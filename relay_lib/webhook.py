@@ -1,0 +1,235 @@
+"""The scanning webhook of SPEC 4.2: one signed JSON POST per message over urllib.
+
+Owns the request (body, X-Smtprelay-Id, HMAC signature), the deadline over the
+whole call, and turning the answer into a `Verdict`. Must not choose replies:
+delivery maps a Verdict to the client's reply. A scanner that is broken, slow
+or unreachable yields a "tempfail" verdict, never an exception.
+"""
+
+import base64
+import binascii
+import hashlib
+import hmac
+import http.client
+import json
+import re
+import socket
+import threading
+import urllib.error
+import urllib.request
+from typing import Any, Dict, NamedTuple, Optional
+
+ACCEPT, REPLACE, REJECT, DISCARD, TEMPFAIL = "accept", "replace", "reject", "discard", "tempfail"
+DEFAULT_REJECT_CODE = 550  # SPEC 4.2: a code outside 500-599 becomes 550
+DEFAULT_REJECT_REASON = "Message rejected"
+_ENHANCED = re.compile(r"^5\.\d{1,3}\.\d{1,3}\s+")
+_LINE_ENDS = re.compile(rb"\r?\n")
+
+
+class Verdict(NamedTuple):
+    """What the scanner decided; `reason` explains a reject or a tempfail."""
+
+    action: str
+    message: Optional[bytes] = None
+    code: int = DEFAULT_REJECT_CODE
+    enhanced: str = "5.7.1"
+    reason: str = ""
+
+
+def signature(secret: str, body: bytes) -> str:
+    """The X-Smtprelay-Signature value: `sha256=<hex HMAC-SHA256 of body>`."""
+    return "sha256=" + hmac.new(secret.encode("utf-8"), body, hashlib.sha256).hexdigest()
+
+
+def scan(url: str, payload: Dict[str, Any], secret: Optional[str], timeout: float,
+         max_answer: int) -> Verdict:
+    """POST payload as JSON to url and return the scanner's verdict.
+
+    `timeout` bounds the whole call (connect, send, every header and body
+    byte), not each socket operation, so a scanner that trickles its answer
+    cannot hold the client longer. An answer longer than `max_answer` bytes
+    is a tempfail. Never raises.
+    """
+    body = json.dumps(payload, separators=(",", ":")).encode("utf-8")
+    headers = {"Content-Type": "application/json", "X-Smtprelay-Id": str(payload.get("id", ""))}
+    if secret:
+        headers["X-Smtprelay-Signature"] = signature(secret, body)
+    deadline = _Deadline(timeout)
+    opener = urllib.request.build_opener(_HTTPHandler(deadline), _HTTPSHandler(deadline),
+                                         _NoRedirect())
+    request = urllib.request.Request(url, data=body, headers=headers, method="POST")
+    timer = threading.Timer(timeout, deadline.fire)
+    timer.daemon = True
+    timer.start()
+    try:
+        with opener.open(request, timeout=timeout) as answer:
+            data = answer.read(max_answer + 1)
+    except urllib.error.HTTPError as exc:
+        exc.close()
+        return Verdict(TEMPFAIL, reason="HTTP %d" % exc.code)
+    # Every failure of the scanner is a temporary failure (SPEC 4.2: a broken
+    # scanner never makes the relay reject or drop mail), so this boundary
+    # catches them all, including http.client's protocol errors.
+    except Exception as exc:  # noqa: BLE001
+        if deadline.fired:
+            return Verdict(TEMPFAIL, reason="timed out after %gs" % timeout)
+        return Verdict(TEMPFAIL, reason=_describe(exc))
+    finally:
+        timer.cancel()
+        deadline.expire()  # close anything urllib left open
+    # A read cut short by the timer may look complete (a body delimited by
+    # the connection close): never trust an answer that arrived too late.
+    if deadline.fired:
+        return Verdict(TEMPFAIL, reason="timed out after %gs" % timeout)
+    if len(data) > max_answer:
+        return Verdict(TEMPFAIL, reason="answer longer than %d bytes" % max_answer)
+    return parse_answer(data)
+
+
+def parse_answer(data: bytes) -> Verdict:
+    """Turn a 2xx answer body into a Verdict; anything malformed is a tempfail."""
+    if not data.strip():
+        return Verdict(ACCEPT)
+    try:
+        obj = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        return Verdict(TEMPFAIL, reason="answer is not JSON")
+    if not isinstance(obj, dict):
+        return Verdict(TEMPFAIL, reason="answer is not a JSON object")
+    action = obj.get("action")
+    if action == ACCEPT:
+        if obj.get("message") is None:
+            return Verdict(ACCEPT)
+        message = _decode_message(obj["message"])
+        if message is None:
+            return Verdict(TEMPFAIL, reason="message is not base64 of a message")
+        return Verdict(REPLACE, message=message)
+    if action == REJECT:
+        code = _reject_code(obj.get("code"))
+        reason = obj.get("reason")
+        reason = reason.strip() if isinstance(reason, str) and reason.strip() else DEFAULT_REJECT_REASON
+        enhanced = "5.7.1"
+        match = _ENHANCED.match(reason)
+        if match:  # the scanner wrote its own enhanced code: "5.7.1 Virus found"
+            enhanced, reason = match.group(0).strip(), reason[match.end():] or DEFAULT_REJECT_REASON
+        return Verdict(REJECT, code=code, enhanced=enhanced, reason=reason)
+    if action == DISCARD:
+        return Verdict(DISCARD)
+    if action == TEMPFAIL:
+        reason = obj.get("reason")
+        return Verdict(TEMPFAIL, reason="scanner: %s" % reason if isinstance(reason, str) else "scanner")
+    return Verdict(TEMPFAIL, reason="unknown action %r" % (action,))
+
+
+def _reject_code(value) -> int:
+    if isinstance(value, bool):
+        return DEFAULT_REJECT_CODE
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if isinstance(value, int) and 500 <= value <= 599:
+        return value
+    return DEFAULT_REJECT_CODE
+
+
+def _decode_message(value) -> Optional[bytes]:
+    if not isinstance(value, str):
+        return None
+    try:
+        message = base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        return None
+    if not message:
+        return None
+    # What is forwarded always has CRLF line ends (SPEC 3.3), whatever the scanner wrote.
+    return _LINE_ENDS.sub(b"\r\n", message)
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, urllib.error.URLError) and not isinstance(exc.reason, str):
+        exc = exc.reason
+    text = str(exc) or type(exc).__name__
+    return "%s: %s" % (type(exc).__name__, text)
+
+
+class _Deadline:
+    """Shuts down every socket of one call when its time is up.
+
+    urllib's timeout applies to each socket operation; a scanner sending one
+    byte every few seconds would never trip it. Shutting the socket down from
+    a timer makes the blocked read return at once.
+    """
+
+    def __init__(self, seconds: float):
+        self.fired = False
+        self.expired = False
+        self._sockets = []
+        self._lock = threading.Lock()
+
+    def watch(self, sock: socket.socket) -> None:
+        with self._lock:
+            self._sockets.append(sock)
+            if not self.expired:
+                return
+        _shutdown(sock)
+
+    def fire(self) -> None:
+        """The timer ran out: stop the call."""
+        self.fired = True
+        self.expire()
+
+    def expire(self) -> None:
+        with self._lock:
+            self.expired = True
+            sockets, self._sockets = self._sockets, []
+        for sock in sockets:
+            _shutdown(sock)
+
+
+def _shutdown(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass  # already closed by urllib or by the peer: nothing left to stop
+
+
+def _watched(base, deadline: _Deadline):
+    """An http.client connection class whose sockets the deadline can stop."""
+
+    class Connection(base):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            create = self._create_connection
+
+            def create_watched(*a, **kw):
+                sock = create(*a, **kw)
+                deadline.watch(sock)
+                return sock
+
+            self._create_connection = create_watched
+
+    return Connection
+
+
+class _HTTPHandler(urllib.request.HTTPHandler):
+    def __init__(self, deadline: _Deadline):
+        super().__init__()
+        self._connection = _watched(http.client.HTTPConnection, deadline)
+
+    def http_open(self, req):
+        return self.do_open(self._connection, req)
+
+
+class _HTTPSHandler(urllib.request.HTTPSHandler):
+    def __init__(self, deadline: _Deadline):
+        super().__init__()
+        self._connection = _watched(http.client.HTTPSConnection, deadline)
+
+    def https_open(self, req):
+        return self.do_open(self._connection, req, context=self._context)
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """A redirect is an answer that is not 2xx: tempfail (SPEC 4.2)."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        return None
