@@ -1,0 +1,308 @@
+"""Listeners, admission and lifecycle of the relay (SPEC 3.1, 6).
+
+Owns the listening sockets (one `ThreadingTCPServer` per listen address), the
+connection slots of max_connections, the refusals at accept (allowed_nets,
+full server), the TLS contexts of `tls_profile`, and graceful shutdown. Must
+not speak SMTP past those first refusals: each admitted client is a `Session`.
+"""
+
+import ipaddress
+import os
+import socket
+import socketserver
+import ssl
+import threading
+from typing import List, Optional, Set, Tuple
+
+from relay_lib import policy, replies
+from relay_lib.config import ConfigError, Listener
+from relay_lib.delivery import Delivery
+from relay_lib.logs import fields, log
+from relay_lib.replies import Reply
+from relay_lib.session import Session
+from relay_lib.wire import Wire, WireError
+
+POLL_INTERVAL = 0.05  # seconds; how fast serve_forever notices stop()
+ACCEPT_QUEUE = 128  # listen() backlog; socketserver's default of 5 drops bursts
+REFUSAL_SEND_TIMEOUT = 1.0  # seconds; a refusal is one short write on a fresh socket
+# tls:// refusals need a handshake, so they take a thread; this caps how many
+# run at once so a flood cannot turn refusals into unbounded threads.
+MAX_TLS_REFUSALS = 8
+
+# tls_profile (SPEC 2.3) -> (minimum version, cipher string for TLS <= 1.2)
+TLS_PROFILES = {
+    "default": (ssl.TLSVersion.TLSv1_2, None),
+    "modern": (ssl.TLSVersion.TLSv1_3, None),
+    "intermediate": (ssl.TLSVersion.TLSv1_2, "ECDHE+AESGCM:ECDHE+CHACHA20"),
+    # Old printers and scanners: TLS 1.0 with SHA-1 needs OpenSSL security level 0.
+    "legacy": (ssl.TLSVersion.TLSv1, "DEFAULT:@SECLEVEL=0"),
+}
+
+
+def make_server_context(settings) -> Optional[ssl.SSLContext]:
+    """The server TLS context for tls:// and starttls:// listeners, or None.
+
+    Raises:
+        ConfigError: missing or unreadable certificate or key.
+    """
+    if not any(l.scheme in ("tls", "starttls") for l in settings.listen):
+        return None
+    if not settings.local_cert or not settings.local_key:
+        raise ConfigError("local_cert", "tls:// and starttls:// listeners need local_cert and local_key")
+    minimum, ciphers = TLS_PROFILES[settings.tls_profile]
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        context.minimum_version = minimum
+        if ciphers:
+            context.set_ciphers(ciphers)
+    except (ValueError, ssl.SSLError) as exc:
+        raise ConfigError("tls_profile", "%s is not supported by this OpenSSL: %s"
+                          % (settings.tls_profile, exc)) from None
+    context.options |= ssl.OP_CIPHER_SERVER_PREFERENCE
+    try:
+        context.load_cert_chain(settings.local_cert, settings.local_key)
+    except (OSError, ssl.SSLError) as exc:
+        reason = getattr(exc, "strerror", None) or getattr(exc, "reason", None) or str(exc)
+        raise ConfigError("local_cert", "cannot load %s with key %s: %s"
+                          % (settings.local_cert, settings.local_key, reason)) from None
+    return context
+
+
+class _Slots:
+    """The connection semaphore: a counter with a cap, never waited on.
+
+    A full relay refuses at once rather than queueing (SPEC 3.1), and stop()
+    can wait for the count to reach zero, which a plain Semaphore cannot do.
+    """
+
+    def __init__(self, limit: int):
+        self.limit = limit  # -1: unlimited
+        self.count = 0
+        self._cond = threading.Condition()
+
+    def try_acquire(self) -> bool:
+        with self._cond:
+            if 0 <= self.limit <= self.count:
+                return False
+            self.count += 1
+            return True
+
+    def release(self) -> None:
+        with self._cond:
+            self.count -= 1
+            self._cond.notify_all()
+
+    def wait_empty(self, timeout: Optional[float]) -> bool:
+        with self._cond:
+            return self._cond.wait_for(lambda: self.count == 0, timeout)
+
+
+def _address(listener: Listener) -> Tuple[int, tuple, bool]:
+    """(address family, bind address, dual stack) for a listen address."""
+    host, port = listener.host, listener.port
+    if host == "":  # every address: one dual-stack socket where IPv6 exists
+        if socket.has_ipv6:
+            return socket.AF_INET6, ("::", port), True
+        return socket.AF_INET, ("0.0.0.0", port), False
+    try:
+        ip = ipaddress.ip_address(host)
+        family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
+        return family, (host, port), False
+    except ValueError:
+        info = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)
+        return info[0][0], info[0][4][:2], False
+
+
+class RelayServer(socketserver.ThreadingTCPServer):
+    """One listen address. Admission happens here, in the accept thread, so a
+    refused client never costs a thread (except on tls://, see below).
+    """
+
+    daemon_threads = True  # a stuck client must not keep the process alive
+    block_on_close = False  # stop() waits on the slots, with a time limit
+    allow_reuse_address = os.name != "nt"  # on Windows it would allow port stealing
+    request_queue_size = ACCEPT_QUEUE
+
+    def __init__(self, relay: "Relay", listener: Listener):
+        family, address, self.dual_stack = _address(listener)
+        self.address_family = family
+        self.relay = relay
+        self.listener = listener
+        super().__init__(address, _Handler)
+
+    def server_bind(self) -> None:
+        if self.dual_stack and hasattr(socket, "IPV6_V6ONLY"):
+            # Windows defaults to IPv6 only; Linux to dual stack.
+            self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        super().server_bind()
+
+    def process_request(self, request, client_address) -> None:
+        refusal = self.relay._admit(client_address[0])
+        if refusal is not None:
+            self.relay._refuse(self, request, client_address, refusal)
+            return
+        try:
+            super().process_request(request, client_address)
+        except Exception:
+            self.relay._slots.release()  # no thread will run to release it
+            raise
+
+    def process_request_thread(self, request, client_address) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.relay._slots.release()
+
+    def handle_error(self, request, client_address) -> None:
+        # socketserver prints a traceback to stderr; log it instead.
+        log.exception("connection handler failed", extra=fields(peer=client_address[0]))
+
+
+class _Handler(socketserver.BaseRequestHandler):
+    def handle(self) -> None:
+        self.server.relay._serve(self.request, self.client_address[0], self.server.listener)
+
+
+class Relay:
+    """The whole SMTP side: every listener, shared tables, shutdown.
+
+    Methods for the caller: start(), stop(), addresses, active_sessions.
+    """
+
+    def __init__(self, settings, delivery: Optional[Delivery] = None):
+        self.settings = settings
+        self.delivery = delivery if delivery is not None else Delivery(settings)
+        self.users = policy.Users(settings.allowed_users) if settings.allowed_users else None
+        self.aliases = policy.Aliases(settings.aliases_file)
+        self.tls_context: Optional[ssl.SSLContext] = None
+        self.addresses: List[Tuple[str, str, int]] = []
+        self._servers: List[RelayServer] = []
+        self._threads: List[threading.Thread] = []
+        self._slots = _Slots(settings.max_connections)
+        self._tls_refusals = threading.BoundedSemaphore(MAX_TLS_REFUSALS)
+        self._sessions: Set[Session] = set()
+        self._lock = threading.Lock()
+        self._stopping = False
+
+    @property
+    def active_sessions(self) -> int:
+        return self._slots.count
+
+    def start(self) -> None:
+        """Bind every listener and start serving.
+
+        Raises:
+            ConfigError: TLS certificate problems.
+            OSError: a listen address cannot be bound.
+        """
+        self.tls_context = make_server_context(self.settings)
+        try:
+            for listener in self.settings.listen:
+                server = RelayServer(self, listener)
+                self._servers.append(server)
+                host, port = server.server_address[:2]
+                self.addresses.append((listener.scheme, host, port))
+        except BaseException:
+            for server in self._servers:
+                server.server_close()
+            self._servers = []
+            raise
+        for server, (scheme, host, port) in zip(self._servers, self.addresses):
+            thread = threading.Thread(target=server.serve_forever, args=(POLL_INTERVAL,),
+                                      name="smtprelay-listen-%d" % port, daemon=True)
+            thread.start()
+            self._threads.append(thread)
+            log.info("listening on %s:%d (%s)", "[%s]" % host if ":" in host else host, port, scheme)
+
+    def stop(self, timeout: Optional[float] = None) -> None:
+        """Stop accepting, end idle sessions with 421 4.3.2, and wait for
+        messages in progress up to `timeout` (default data_timeout) (SPEC 6).
+        """
+        if timeout is None:
+            timeout = self.settings.data_timeout
+        with self._lock:
+            self._stopping = True
+            sessions = list(self._sessions)
+        for server, thread in zip(self._servers, self._threads):
+            server.shutdown()
+        for server in self._servers:
+            server.server_close()
+        for session in sessions:
+            session.shutdown()
+        if not self._slots.wait_empty(timeout):
+            log.warning("sessions still running at shutdown", extra=fields(count=self._slots.count))
+        self.delivery.close()
+
+    # ---- called from the listener threads ---------------------------------
+
+    def _admit(self, ip: str) -> Optional[Reply]:
+        """None and a taken slot, or the refusal for this client (SPEC 3.1)."""
+        if self._stopping:
+            return replies.SHUTTING_DOWN
+        refusal = policy.check_peer(self.settings, ip)
+        if refusal is not None:
+            log.warning("connection refused: address not in allowed_nets", extra=fields(peer=ip))
+            return refusal
+        if not self._slots.try_acquire():
+            log.warning("connection refused: max_connections reached",
+                        extra=fields(peer=ip, max_connections=self.settings.max_connections))
+            return replies.too_many_connections(self.settings.hostname)
+        return None
+
+    def _refuse(self, server: RelayServer, sock: socket.socket, client_address, reply: Reply) -> None:
+        """Send a refusal and close, without taking a session slot."""
+        if server.listener.scheme == "tls":
+            # The reply must go inside TLS, so it needs a handshake and a thread.
+            if self._tls_refusals.acquire(blocking=False):
+                thread = threading.Thread(target=self._tls_refusal, name="smtprelay-refusal", daemon=True,
+                                          args=(server, sock, client_address, reply))
+                thread.start()
+                return
+            server.shutdown_request(sock)
+            return
+        try:
+            sock.settimeout(REFUSAL_SEND_TIMEOUT)
+            sock.sendall(reply.line())
+        except OSError:
+            log.debug("could not send refusal", extra=fields(peer=client_address[0]))
+        server.shutdown_request(sock)
+
+    def _tls_refusal(self, server: RelayServer, sock: socket.socket, client_address,
+                     reply: Reply) -> None:
+        try:
+            wire = Wire(sock, self.settings.read_timeout, self.settings.write_timeout,
+                        self.settings.data_timeout)
+            try:
+                wire.start_tls(self.tls_context)
+                wire.write(reply)
+            except WireError as exc:
+                log.debug("could not send refusal", extra=fields(peer=client_address[0], reason=str(exc)))
+            wire.close()
+        finally:
+            server.shutdown_request(sock)
+            self._tls_refusals.release()
+
+    def _serve(self, sock: socket.socket, ip: str, listener: Listener) -> None:
+        """Run one admitted client: TLS first on tls://, then the session."""
+        settings = self.settings
+        wire = Wire(sock, settings.read_timeout, settings.write_timeout, settings.data_timeout)
+        if listener.scheme == "tls":
+            try:
+                wire.start_tls(self.tls_context)
+            except WireError as exc:
+                log.warning("tls handshake failed", extra=fields(peer=ip, reason=str(exc)))
+                return
+        session = Session(settings, wire, ip, self.delivery, users=self.users, aliases=self.aliases,
+                          starttls_context=self.tls_context if listener.scheme == "starttls" else None,
+                          implicit_tls=listener.scheme == "tls")
+        with self._lock:
+            self._sessions.add(session)
+            stopping = self._stopping
+        if stopping:
+            session.shutdown()
+        try:
+            session.run()
+        finally:
+            with self._lock:
+                self._sessions.discard(session)
+            wire.close()

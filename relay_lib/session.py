@@ -1,0 +1,559 @@
+"""The SMTP state machine of one client session (SPEC 3.2, 3.3, 2.4).
+
+Owns the sequence rules (one `GATES` table), the verbs, the MAIL/RCPT syntax,
+AUTH, and the per-session limits. Must not touch a socket: it reads lines and
+bodies from `Wire` and hands it `Reply` values; decisions come from `policy`
+and the message goes to `delivery`.
+
+Theory of operation: `run()` reads one command line at a time, checks the
+verb's gates in order (the first one that objects answers), then calls the
+verb's method, which may assume its preconditions. `phase` changes only in
+`_enter()`. Every failed command passes through `_fail()`, which keeps the
+error budget and logs the refusal.
+"""
+
+import base64
+import binascii
+import enum
+import logging
+import threading
+from datetime import datetime, timezone
+from typing import Callable, Dict, List, Optional, Tuple
+
+from relay_lib import policy, replies
+from relay_lib.delivery import Delivery, Envelope, new_message_id
+from relay_lib.logs import fields, session_logger
+from relay_lib.replies import Reply, clean_echo
+from relay_lib.wire import Closed, LineTooLong, Timeout, Wire, WireError
+
+MAX_ERRORS = 20  # SPEC 3.2: failed commands before 421
+MAX_AUTH_FAILURES = 3  # SPEC 3.2: failed AUTH attempts before 421
+# A client that speaks HTTP to the SMTP port (a browser, or a cross-protocol
+# attack) is cut off at once, as Postfix does.
+HTTP_VERBS = (b"GET ", b"POST ", b"CONNECT ", b"HEAD ", b"PUT ")
+
+
+class Phase(enum.Enum):
+    CONNECTED = "connected"  # greeted, no EHLO/HELO yet
+    READY = "ready"          # EHLO/HELO done, no transaction
+    MAIL = "mail"            # MAIL FROM accepted
+    RCPT = "rcpt"            # at least one RCPT TO accepted
+
+
+class Session:
+    """One SMTP conversation over a `Wire`, from greeting to close.
+
+    Methods for the caller: run(), and shutdown() from another thread.
+    """
+
+    def __init__(self, settings, wire: Wire, peer: str, delivery: Delivery,
+                 users: Optional[policy.Users] = None,
+                 aliases: Optional[policy.Aliases] = None,
+                 starttls_context=None, implicit_tls: bool = False):
+        self.settings = settings
+        self.wire = wire
+        self.peer = peer
+        self.delivery = delivery
+        self.users = users
+        self.aliases = aliases if aliases is not None else policy.Aliases(None)
+        # Set only on starttls:// listeners: STARTTLS is offered with it.
+        self.starttls_context = starttls_context
+        self.log = session_logger(peer=peer)
+
+        self.phase = Phase.CONNECTED
+        self.tls = wire.tls_info() if implicit_tls else None
+        self.helo = ""
+        self.esmtp = False
+        self.user: Optional[str] = None
+        self.envelope: Optional[Envelope] = None
+        self.smtputf8 = False
+        self.errors = 0
+        self.auth_failures = 0
+        self.closing = False
+
+        # Shutdown (SPEC 6): a session waiting for a command is interrupted;
+        # one inside DATA or delivery finishes its message first.
+        self._lock = threading.Lock()
+        self._idle = False
+        self._stopping = False
+
+        self.verbs: Dict[str, Callable[[str], None]] = {
+            "EHLO": self.smtp_EHLO,
+            "HELO": self.smtp_HELO,
+            "STARTTLS": self.smtp_STARTTLS,
+            "AUTH": self.smtp_AUTH,
+            "MAIL": self.smtp_MAIL,
+            "RCPT": self.smtp_RCPT,
+            "DATA": self.smtp_DATA,
+            "RSET": self.smtp_RSET,
+            "NOOP": self.smtp_NOOP,
+            "VRFY": self.smtp_VRFY,
+            "HELP": self.smtp_HELP,
+            "QUIT": self.smtp_QUIT,
+        }
+        # Checked in order before dispatch; the first objection is the reply.
+        self.gates: Dict[str, Tuple[Callable[[], Optional[Reply]], ...]] = {
+            "STARTTLS": (self._gate_tls_offered, self._gate_not_tls),
+            "AUTH": (self._gate_auth_offered, self._gate_helo, self._gate_forcetls,
+                     self._gate_auth_needs_tls, self._gate_not_authenticated,
+                     self._gate_no_transaction),
+            "MAIL": (self._gate_helo, self._gate_forcetls, self._gate_auth_required,
+                     self._gate_no_transaction),
+            "RCPT": (self._gate_in_transaction,),
+            "DATA": (self._gate_has_recipients,),
+        }
+
+    # ---- the loop ----------------------------------------------------------
+
+    def run(self) -> None:
+        """Greet, then serve commands until QUIT, a limit, or a timeout.
+
+        Never raises: the one top-level handler logs anything unexpected and
+        answers 421 4.3.0 (SPEC 3.2, STYLE 6).
+        """
+        self.log.debug("connected", extra=fields(tls=bool(self.tls)))
+        try:
+            self.wire.write(replies.greeting(self.settings.welcome_msg))
+            while not self.closing:
+                line = self._next_line()
+                if line is None:
+                    break
+                self.handle(line)
+            self.wire.flush()
+        except Timeout:
+            self.log.warning("timeout, closing", extra=fields(phase=self.phase.value))
+            self._last_words(replies.TIMEOUT)
+        except Closed as exc:
+            if self._stopping:
+                self._last_words(replies.SHUTTING_DOWN)
+            else:
+                self.log.debug("connection closed", extra=fields(reason=str(exc)))
+        except Exception:
+            self.log.exception("session failed")
+            self._last_words(replies.INTERNAL_ERROR)
+        self.log.debug("disconnected", extra=fields(errors=self.errors))
+
+    def _next_line(self) -> Optional[bytes]:
+        """Read one command line, or None when the relay is shutting down."""
+        with self._lock:
+            stopping = self._stopping and not self.wire.has_buffered()
+            self._idle = not stopping
+        if stopping:
+            self._last_words(replies.SHUTTING_DOWN)
+            return None
+        try:
+            while True:
+                try:
+                    return self.wire.read_line()
+                except LineTooLong:
+                    self.log.warning("command line too long")
+                    if not self._fail(replies.LINE_TOO_LONG):
+                        return None
+        finally:
+            with self._lock:
+                self._idle = False
+
+    def shutdown(self) -> None:
+        """Ask the session to end (SPEC 6); called from another thread.
+
+        An idle session is woken and answers 421 4.3.2 at once; a busy one
+        finishes its message and gets the 421 before its next command.
+        """
+        with self._lock:
+            self._stopping = True
+            if self._idle:
+                self.wire.interrupt()
+
+    def _last_words(self, reply: Reply) -> None:
+        """Send a closing reply when the peer can still hear it."""
+        self.closing = True
+        try:
+            self.wire.write(reply)
+            self.wire.flush()
+        except WireError:
+            self.log.debug("could not send closing reply", extra=fields(reply=reply.code))
+
+    def handle(self, line: bytes) -> None:
+        """Dispatch one command line."""
+        if line.startswith(HTTP_VERBS):
+            self.log.warning("HTTP request on the SMTP port, closing")
+            self.closing = True
+            return
+        raw_verb, _, raw_arg = line.partition(b" ")
+        # bytes.upper() folds ASCII only ('ſ'.upper() would be 'S').
+        verb = raw_verb.upper().decode("ascii", "replace")
+        arg = raw_arg.decode("utf-8", "replace").strip(" ")
+        self._log_command(verb, arg)
+        method = self.verbs.get(verb)
+        if method is None:
+            self._fail(replies.UNRECOGNIZED)
+            return
+        for gate in self.gates.get(verb, ()):
+            refusal = gate()
+            if refusal is not None:
+                self._fail(refusal, verb=verb)
+                return
+        method(arg)
+
+    def _log_command(self, verb: str, arg: str) -> None:
+        if not self.log.isEnabledFor(logging.DEBUG):
+            return
+        if verb == "AUTH":
+            # Never log credentials, not even base64 (STYLE 9): keep the mechanism.
+            arg = arg.split(" ", 1)[0] + (" ***" if " " in arg else "")
+        self.log.debug("command", extra=fields(verb=clean_echo(verb), arg=clean_echo(arg)))
+
+    def _reply(self, reply: Reply) -> None:
+        self.wire.write(reply)
+
+    def _fail(self, reply: Reply, **why) -> bool:
+        """Answer a failed command, counting it; False when the session ends.
+
+        The failure that reaches the limit is answered with the 421 instead of
+        its own reply (SPEC 3.2).
+        """
+        self.errors += 1
+        if self.errors >= MAX_ERRORS:
+            self.log.warning("too many errors, closing", extra=fields(errors=self.errors))
+            self._last_words(replies.TOO_MANY_ERRORS)
+            return False
+        if reply.code >= 500 or reply.code == 452:
+            self.log.warning("refused", extra=fields(reply=str(reply), **why))
+        self._reply(reply)
+        return True
+
+    def _enter(self, phase: Phase) -> None:
+        """The one place where the phase changes."""
+        self.phase = phase
+        if phase in (Phase.CONNECTED, Phase.READY):
+            self.envelope = None
+            self.smtputf8 = False
+
+    # ---- gates: each returns the refusal, or None to let the verb run ------
+
+    def _gate_helo(self) -> Optional[Reply]:
+        return replies.NEED_HELO if self.phase is Phase.CONNECTED else None
+
+    def _gate_tls_offered(self) -> Optional[Reply]:
+        return replies.TLS_NOT_OFFERED if self.starttls_context is None and not self.tls else None
+
+    def _gate_not_tls(self) -> Optional[Reply]:
+        return replies.ALREADY_TLS if self.tls else None
+
+    def _gate_forcetls(self) -> Optional[Reply]:
+        forced = self.settings.local_forcetls and self.starttls_context is not None
+        return replies.STARTTLS_FIRST if forced and not self.tls else None
+
+    def _gate_auth_offered(self) -> Optional[Reply]:
+        return replies.NOT_IMPLEMENTED if self.users is None else None
+
+    def _gate_auth_needs_tls(self) -> Optional[Reply]:
+        return replies.AUTH_NEEDS_TLS if not self.tls else None
+
+    def _gate_not_authenticated(self) -> Optional[Reply]:
+        return replies.ALREADY_AUTHENTICATED if self.user is not None else None
+
+    def _gate_auth_required(self) -> Optional[Reply]:
+        return replies.AUTH_REQUIRED if self.users is not None and self.user is None else None
+
+    def _gate_no_transaction(self) -> Optional[Reply]:
+        return replies.NESTED_MAIL if self.phase in (Phase.MAIL, Phase.RCPT) else None
+
+    def _gate_in_transaction(self) -> Optional[Reply]:
+        return replies.NEED_MAIL if self.phase not in (Phase.MAIL, Phase.RCPT) else None
+
+    def _gate_has_recipients(self) -> Optional[Reply]:
+        return replies.NEED_RCPT if self.phase is not Phase.RCPT else None
+
+    # ---- verbs -------------------------------------------------------------
+
+    def smtp_EHLO(self, arg: str) -> None:
+        if not arg:
+            self._fail(replies.MISSING_DOMAIN)
+            return
+        self.helo = arg.split(" ", 1)[0]
+        self.esmtp = True
+        self._enter(Phase.READY)
+        self._reply(replies.ehlo(self.settings.hostname, self._extensions()))
+
+    def _extensions(self) -> List[str]:
+        exts = ["PIPELINING", "SIZE %d" % self.settings.max_message_size, "8BITMIME",
+                "ENHANCEDSTATUSCODES", "SMTPUTF8"]
+        if self.starttls_context is not None and not self.tls:
+            exts.append("STARTTLS")
+        if self.users is not None and self.tls:
+            exts.append("AUTH PLAIN LOGIN")
+        return exts
+
+    def smtp_HELO(self, arg: str) -> None:
+        if not arg:
+            self._fail(replies.MISSING_DOMAIN)
+            return
+        self.helo = arg.split(" ", 1)[0]
+        self.esmtp = False
+        self._enter(Phase.READY)
+        self._reply(replies.helo(self.settings.hostname))
+
+    def smtp_STARTTLS(self, arg: str) -> None:
+        if arg:
+            self._fail(replies.SYNTAX_ARGUMENTS)
+            return
+        self._reply(replies.READY_TLS)
+        dropped = self.wire.start_tls(self.starttls_context)
+        if dropped:
+            # CVE-2011-0411: commands pipelined in plaintext after STARTTLS.
+            self.log.warning("dropped plaintext sent after STARTTLS", extra=fields(octets=dropped))
+        # RFC 3207 4.2: forget everything learned before TLS.
+        self.tls = self.wire.tls_info()
+        self.helo = ""
+        self.esmtp = False
+        self.user = None
+        self._enter(Phase.CONNECTED)
+        self.log.debug("tls started", extra=fields(version=self.tls[0], cipher=self.tls[1]))
+
+    def smtp_AUTH(self, arg: str) -> None:
+        mechanism, _, initial = arg.partition(" ")
+        mechanism = mechanism.encode("ascii", "replace").upper().decode("ascii")
+        initial = initial.strip(" ")
+        if mechanism == "PLAIN":
+            credentials = self._auth_plain(initial)
+        elif mechanism == "LOGIN":
+            credentials = self._auth_login(initial)
+        else:
+            self._fail(replies.UNKNOWN_MECHANISM, mechanism=clean_echo(mechanism))
+            return
+        if isinstance(credentials, Reply):
+            self._fail(credentials)
+            return
+        username, password = credentials
+        # bcrypt is slow on purpose; it runs here, in this session's thread,
+        # and Users holds no lock while it hashes, so other sessions go on.
+        user = self.users.authenticate(username, password)
+        if user is None:
+            self.auth_failures += 1
+            self.log.warning("authentication failed", extra=fields(
+                user=clean_echo(username), failures=self.auth_failures))
+            if self.auth_failures >= MAX_AUTH_FAILURES:
+                self._last_words(replies.TOO_MANY_AUTH_FAILURES)
+                return
+            self._fail(replies.AUTH_FAILED)
+            return
+        self.user = user
+        self.log.bind(user=user)
+        self.log.info("authenticated", extra=fields(mechanism=mechanism))
+        self._reply(replies.AUTH_OK)
+
+    def _auth_response(self, initial: str, prompt: Reply):
+        """The client's next SASL response as bytes, or the Reply to fail with.
+
+        `initial` is the initial response from the AUTH line, if any [R4954 4].
+        """
+        if initial:
+            text = initial.encode("ascii", "replace")
+        else:
+            self._reply(prompt)
+            try:
+                text = self.wire.read_line().strip()
+            except LineTooLong:
+                return replies.AUTH_BAD_BASE64
+        if text == b"*":
+            return replies.AUTH_CANCELLED
+        if text == b"=":  # an empty initial response [R4954 4]
+            return b""
+        try:
+            return base64.b64decode(text, validate=True)
+        except (binascii.Error, ValueError):
+            return replies.AUTH_BAD_BASE64
+
+    def _auth_plain(self, initial: str):
+        """(username, password) from SASL PLAIN [R4616 2], or a Reply."""
+        response = self._auth_response(initial, replies.AUTH_CONTINUE)
+        if isinstance(response, Reply):
+            return response
+        parts = response.split(b"\0")
+        if len(parts) != 3:
+            return replies.AUTH_BAD_BASE64
+        return _text(parts[1]), _text(parts[2])
+
+    def _auth_login(self, initial: str):
+        """(username, password) from the LOGIN exchange, or a Reply."""
+        username = self._auth_response(initial, replies.AUTH_USERNAME)
+        if isinstance(username, Reply):
+            return username
+        password = self._auth_response("", replies.AUTH_PASSWORD)
+        if isinstance(password, Reply):
+            return password
+        return _text(username), _text(password)
+
+    def _path_argument(self, arg: str, keyword: str, syntax: Reply,
+                       null_ok: bool) -> Optional[Tuple[str, List[str]]]:
+        """(address, params) of `FROM:<...>`/`TO:<...>`, or None after failing."""
+        head = arg[:len(keyword)]
+        try:
+            if not (head.isascii() and head.upper() == keyword):  # ASCII-only folding
+                raise ValueError("expected %s" % keyword)
+            return parse_path(arg[len(keyword):], null_ok)
+        except ValueError as exc:
+            self._fail(syntax, reason=str(exc))
+            return None
+
+    def smtp_MAIL(self, arg: str) -> None:
+        parsed = self._path_argument(arg, "FROM:", replies.MAIL_SYNTAX, null_ok=True)
+        if parsed is None:
+            return
+        addr, params = parsed
+        smtputf8 = False
+        for param in params:
+            key, _, value = param.partition("=")
+            key = key.encode("ascii", "replace").upper().decode("ascii")
+            if key == "SIZE" and value.isdigit() and value.isascii():
+                if int(value) > self.settings.max_message_size:
+                    self._fail(replies.TOO_BIG, size=value)
+                    return
+            elif key == "BODY" and value.upper() in ("7BIT", "8BITMIME"):
+                pass  # 8BITMIME is advertised; the body is relayed as it came
+            elif key == "SMTPUTF8" and not value:
+                smtputf8 = True
+            elif key == "AUTH" and value:
+                pass  # [R4954 5]: accepted and ignored; we trust our own AUTH
+            else:
+                self._fail(replies.UNKNOWN_PARAMETER, param=clean_echo(param))
+                return
+        if not smtputf8 and not addr.isascii():
+            self._fail(replies.NEED_SMTPUTF8, sender=clean_echo(addr))
+            return
+        refusal = policy.check_sender(self.settings, self.users, self.user, addr)
+        if refusal is not None:
+            self._fail(refusal, sender=clean_echo(addr), user=self.user or "")
+            return
+        self.envelope = Envelope(id=new_message_id(), peer=self.peer, helo=self.helo,
+                                 user=self.user, tls=self.tls, esmtp=self.esmtp,
+                                 mail_from=addr)
+        self.smtputf8 = smtputf8
+        self._enter(Phase.MAIL)
+        self.log.bind(id=self.envelope.id)
+        self._reply(replies.SENDER_OK)
+
+    def smtp_RCPT(self, arg: str) -> None:
+        parsed = self._path_argument(arg, "TO:", replies.RCPT_SYNTAX, null_ok=False)
+        if parsed is None:
+            return
+        addr, params = parsed
+        if params:  # no RCPT extension (DSN) is advertised
+            self._fail(replies.UNKNOWN_PARAMETER, param=clean_echo(params[0]))
+            return
+        if not self.smtputf8 and not addr.isascii():
+            self._fail(replies.NEED_SMTPUTF8, rcpt=clean_echo(addr))
+            return
+        if len(self.envelope.rcpts) >= self.settings.max_recipients:
+            self._fail(replies.TOO_MANY_RECIPIENTS, rcpt=clean_echo(addr))
+            return
+        refusal = (policy.check_recipient(self.settings, addr)
+                   or policy.check_route(self.settings, self.aliases,
+                                         self.envelope.mail_from, addr))
+        if refusal is not None:
+            self._fail(refusal, rcpt=clean_echo(addr))
+            return
+        self.envelope.rcpts.append(addr)
+        self._enter(Phase.RCPT)
+        self._reply(replies.RECIPIENT_OK)
+
+    def smtp_DATA(self, arg: str) -> None:
+        if arg:
+            self._fail(replies.SYNTAX_ARGUMENTS)
+            return
+        self._reply(replies.START_DATA)
+        envelope = self.envelope
+        self._enter(Phase.READY)
+        body, size = self.wire.read_data(self.settings.max_message_size)
+        if body is None:
+            self.log.warning("message too big", extra=fields(
+                size=size, limit=self.settings.max_message_size))
+            self._fail(replies.TOO_BIG)
+            return
+        envelope.received_at = datetime.now(timezone.utc)
+        envelope.size = size
+        self._reply(self.delivery.deliver(envelope, body))
+
+    def smtp_RSET(self, arg: str) -> None:
+        self._enter(Phase.READY if self.phase is not Phase.CONNECTED else Phase.CONNECTED)
+        self._reply(replies.OK)
+
+    def smtp_NOOP(self, arg: str) -> None:
+        self._reply(replies.OK)
+
+    def smtp_VRFY(self, arg: str) -> None:
+        self._reply(replies.VRFY)
+
+    def smtp_HELP(self, arg: str) -> None:
+        self._reply(replies.HELP)
+
+    def smtp_QUIT(self, arg: str) -> None:
+        self.closing = True
+        self._reply(replies.BYE)
+
+
+def _text(data: bytes) -> str:
+    return data.decode("utf-8", "surrogateescape")
+
+
+def parse_path(text: str, null_ok: bool) -> Tuple[str, List[str]]:
+    """Split `<address> params...` into the address and its parameters.
+
+    Accepts quoted local parts (`<"a b"@x>`, kept as written), strips source
+    routes (`<@a,@b:u@d>` is `u@d`) [R5321 4.1.2, C.] and allows a space
+    after the colon, as many clients send one. `<>` is the null path, for
+    MAIL only; RCPT also takes `<postmaster>` without a domain [R5321 4.5.1].
+
+    Raises:
+        ValueError: with the reason, when the path is malformed.
+    """
+    text = text.lstrip(" ")
+    if not text.startswith("<"):
+        raise ValueError("address must be in <angle brackets>")
+    i = 1
+    if text.startswith("<@"):
+        colon = text.find(":", 1)
+        if colon < 0:
+            raise ValueError("source route without ':'")
+        i = colon + 1
+    chars = []
+    quoted = False
+    while True:
+        if i >= len(text):
+            raise ValueError("missing '>'")
+        c = text[i]
+        if quoted:
+            if c == "\\" and i + 1 < len(text):
+                chars.append(c)
+                i += 1
+                c = text[i]
+            elif c == '"':
+                quoted = False
+        elif c == '"':
+            quoted = True
+        elif c == ">":
+            break
+        elif c in "<\\ ":
+            raise ValueError("invalid character in address")
+        if c < " " or c == "\x7f" or c == "\ufffd":  # controls, or bytes that were not UTF-8
+            raise ValueError("invalid character in address")
+        chars.append(c)
+        i += 1
+    addr = "".join(chars)
+    rest = text[i + 1:]
+    if rest and not rest.startswith(" "):
+        raise ValueError("junk after '>'")
+    params = rest.split()
+    if not addr:
+        if not null_ok:
+            raise ValueError("empty address")
+        return addr, params
+    local, at, domain = addr.rpartition("@")
+    if not at:
+        if not null_ok and addr.lower() == "postmaster":
+            return addr, params
+        raise ValueError("address needs a domain")
+    if not local or not domain or '"' in domain or ("@" in local and not local.startswith('"')):
+        raise ValueError("malformed address")
+    return addr, params

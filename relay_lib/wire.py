@@ -1,0 +1,276 @@
+"""The client connection as SMTP sees it: command lines, message bodies, replies.
+
+Owns the socket of one session and its read buffer (built on the raw socket,
+not `makefile`, so STARTTLS can drop every buffered byte), every per-operation
+timeout, and TLS upgrades. Must not know what a command means: `session.py`
+decides that and hands back `Reply` values.
+
+Theory of operation: bytes are received in large chunks into one bytearray and
+searched with `bytes.find`, so the cost per message is a few C-level passes
+over the data rather than Python work per line. Replies are queued and sent
+with one `sendall` when no more pipelined input is buffered [R2920 3.1], and
+always before the next blocking read, so a client never waits on a reply that
+is held back.
+"""
+
+import re
+import socket
+import ssl
+import time
+from typing import Optional, Tuple
+
+from relay_lib.replies import Reply
+
+MAX_LINE = 4096  # SPEC 3.2 (RFC 5321 4.5.3.1.4 asks for at least 512)
+RECV_SIZE = 256 * 1024  # large reads keep the per-message Python overhead low
+IDLE_SLICE = 1.0  # seconds; how often a blocked read checks for interrupt()
+
+# The end of a message: a line holding only "." [R5321 4.1.1.4]. Only CRLF
+# counts as a line end here; a dot framed by bare LF or CR is content
+# (SMTP smuggling, CVE-2023-51764/51765/51766).
+_END_OF_DATA = b"\r\n.\r\n"
+# Any line end a client may have sent inside a body, made CRLF on the way out.
+_ANY_EOL = re.compile(rb"\r\n|\r|\n")
+
+
+class WireError(Exception):
+    """The connection cannot go on as an SMTP session."""
+
+
+class Timeout(WireError):
+    """A read or write took longer than its limit (answer 421 4.4.2)."""
+
+
+class Closed(WireError):
+    """The peer went away, or the socket failed underneath us."""
+
+
+class LineTooLong(Exception):
+    """A command line was over MAX_LINE octets; the rest of it was dropped.
+
+    The connection is still in step: answer 500 5.5.2 and read the next line.
+    """
+
+
+class Wire:
+    """One client connection: framed reads, batched replies, timeouts, TLS.
+
+    Methods for the caller: read_line(), read_data(), write(), flush(),
+    start_tls(), tls_info(), has_buffered(), interrupt(), close().
+    """
+
+    def __init__(self, sock: socket.socket, read_timeout: float,
+                 write_timeout: float, data_timeout: float):
+        self.sock = sock
+        self.read_timeout = read_timeout
+        self.write_timeout = write_timeout
+        self.data_timeout = data_timeout
+        self._buf = bytearray()
+        self._out = []
+        self._interrupted = False
+
+    # ---- reading ---------------------------------------------------------
+
+    def has_buffered(self) -> bool:
+        """True when pipelined input is waiting to be read."""
+        return bool(self._buf)
+
+    def read_line(self) -> bytes:
+        """The next command line without its line end.
+
+        The whole line must arrive within read_timeout (a client that trickles
+        bytes does not reset it). A bare LF ends a command line too, as in
+        Postfix; only DATA is strict about CRLF.
+
+        Raises:
+            LineTooLong: the line had more than MAX_LINE octets (already
+                drained; the session can answer and go on).
+            Timeout, Closed.
+        """
+        deadline = time.monotonic() + self.read_timeout
+        buf = self._buf
+        start = 0
+        while True:
+            end = buf.find(b"\n", start)
+            if end >= 0:
+                line = bytes(buf[:end])
+                del buf[:end + 1]
+                if line.endswith(b"\r"):
+                    line = line[:-1]
+                if len(line) > MAX_LINE:
+                    raise LineTooLong()
+                return line
+            if len(buf) > MAX_LINE + 1:  # + 1: room for the CR of the CRLF
+                buf.clear()
+                self._drain_line(deadline)
+                raise LineTooLong()
+            start = len(buf)
+            self._fill(deadline)
+
+    def _drain_line(self, deadline: float) -> None:
+        """Receive and drop bytes up to the next LF, keeping what follows it."""
+        buf = self._buf
+        while True:
+            self._fill(deadline)
+            end = buf.find(b"\n")
+            if end >= 0:
+                del buf[:end + 1]
+                return
+            buf.clear()
+
+    def read_data(self, max_size: int) -> Tuple[Optional[bytes], int]:
+        """Read one message body after the 354 reply, up to CRLF.CRLF.
+
+        Returns (body, size): body with dots unstuffed [R5321 4.5.2] and every
+        line end made CRLF, or None when the message was bigger than max_size
+        (then it was read to its end but not kept, SPEC 3.3). size is the
+        number of octets received (an estimate once past the limit).
+        The whole body must arrive within data_timeout.
+
+        Raises:
+            Timeout, Closed.
+        """
+        deadline = time.monotonic() + self.data_timeout
+        # The CRLF that ended the DATA command starts the first line, so a
+        # body that is just ".\r\n" ends at once.
+        data = bytearray(b"\r\n")
+        data += self._buf
+        self._buf.clear()
+        dropped = 0  # octets received and discarded past max_size
+        scan = 0
+        while True:
+            end = data.find(_END_OF_DATA, scan)
+            if end >= 0:
+                break
+            if (dropped or len(data) - 2 > max_size) and len(data) > 4:
+                # Too big: keep only a tail long enough to hold a split
+                # terminator, so memory stays bounded whatever the client sends.
+                dropped += len(data) - 4
+                del data[:-4]
+            scan = max(0, len(data) - 4)
+            self._buf = data  # _fill appends to self._buf
+            try:
+                self._fill(deadline)
+            finally:
+                self._buf = bytearray()
+        self._buf = bytearray(data[end + 5:])
+        if dropped:
+            return None, dropped + end
+        del data[end + 2:]  # the CRLF before the dot ends the last line
+        body = bytes(data).replace(b"\r\n.", b"\r\n")[2:]
+        size = len(body)
+        if size > max_size:  # the whole message came in before the check above
+            return None, size
+        if body.count(b"\r\n") != body.count(b"\n") or body.count(b"\r") != body.count(b"\n"):
+            body = _ANY_EOL.sub(b"\r\n", body)
+        return body, size
+
+    def _fill(self, deadline: float) -> None:
+        """Block until more bytes arrive, sending queued replies first."""
+        self.flush()
+        while True:
+            if self._interrupted:
+                raise Closed("interrupted")
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise Timeout("read")
+            self.sock.settimeout(min(remaining, IDLE_SLICE))
+            try:
+                chunk = self.sock.recv(RECV_SIZE)
+            except socket.timeout:
+                continue
+            except OSError as exc:
+                raise Closed(str(exc)) from exc
+            if not chunk:
+                raise Closed("interrupted" if self._interrupted else "peer closed")
+            self._buf += chunk
+            return
+
+    # ---- writing ---------------------------------------------------------
+
+    def write(self, reply: Reply) -> None:
+        """Queue a reply; it goes out when no more pipelined input waits.
+
+        Raises:
+            Timeout, Closed (only when the queue is flushed now).
+        """
+        self._out.append(reply.line())
+        if not self._buf:
+            self.flush()
+
+    def flush(self) -> None:
+        """Send every queued reply in one write, within write_timeout.
+
+        Raises:
+            Timeout, Closed.
+        """
+        if not self._out:
+            return
+        data = b"".join(self._out)
+        self._out = []
+        self.sock.settimeout(self.write_timeout)
+        try:
+            self.sock.sendall(data)
+        except socket.timeout as exc:
+            raise Timeout("write") from exc
+        except OSError as exc:
+            raise Closed(str(exc)) from exc
+
+    # ---- TLS and lifecycle -------------------------------------------------
+
+    def start_tls(self, context: ssl.SSLContext) -> int:
+        """Flush replies, drop buffered input, and run a server TLS handshake.
+
+        Returns the number of buffered plaintext octets dropped: anything the
+        client pipelined after STARTTLS must never run under TLS
+        (CVE-2011-0411). The handshake must finish within read_timeout.
+
+        Raises:
+            Timeout, Closed (handshake failures included).
+        """
+        self.flush()
+        dropped = len(self._buf)
+        self._buf = bytearray()
+        self.sock.settimeout(self.read_timeout)
+        try:
+            self.sock = context.wrap_socket(self.sock, server_side=True)
+        except socket.timeout as exc:
+            raise Timeout("tls handshake") from exc
+        except (OSError, ValueError) as exc:
+            raise Closed("tls handshake: %s" % exc) from exc
+        return dropped
+
+    def tls_info(self) -> Optional[Tuple[str, str]]:
+        """(version, cipher) of the TLS layer, or None on a plain connection."""
+        if not isinstance(self.sock, ssl.SSLSocket):
+            return None
+        cipher = self.sock.cipher()
+        return (self.sock.version() or "", cipher[0] if cipher else "")
+
+    def interrupt(self) -> None:
+        """Make a blocked or future read fail with Closed (used at shutdown).
+
+        Only the read side is shut, and on the plain socket beneath any TLS
+        layer, so a final reply can still be written.
+        """
+        self._interrupted = True
+        try:
+            socket.socket.shutdown(self.sock, socket.SHUT_RD)
+        except OSError:
+            pass  # already closed by the peer: the read fails on its own
+
+    def close(self) -> None:
+        """Close the socket; errors on the way out do not matter any more."""
+        try:
+            self.flush()
+        except WireError:
+            pass  # the peer is gone; nothing left to tell it
+        try:
+            # A FIN first, so the last reply is not lost to a reset.
+            socket.socket.shutdown(self.sock, socket.SHUT_WR)
+        except OSError:
+            pass  # the peer reset the connection first
+        try:
+            self.sock.close()
+        except OSError:
+            pass  # the peer reset the connection first
