@@ -304,10 +304,14 @@ def read_file(path: str) -> Dict[str, Tuple[str, int]]:
 
 def _strip_value(value: str) -> str:
     value = value.strip()
-    if len(value) >= 2 and value[0] == '"':
+    if value.startswith('"'):
+        # The closing quote is the first one followed by nothing or a comment.
         end = value.find('"', 1)
-        if end > 0 and (end == len(value) - 1 or value[end + 1:].lstrip()[:1] in ("#", ";")):
-            return value[1:end]
+        while end > 0:
+            rest = value[end + 1:]
+            if not rest.strip() or (rest[:1].isspace() and rest.lstrip()[:1] in ("#", ";")):
+                return value[1:end]
+            end = value.find('"', end + 1)
     for marker in (" #", " ;", "\t#", "\t;"):
         cut = value.find(marker)
         if cut >= 0:

@@ -1,0 +1,85 @@
+"""SPEC 2.3 and 6: log formats, levels, rotation, and masking."""
+
+import json
+import logging
+import re
+
+import pytest
+
+from relay_lib import logs
+from relay_lib.logs import fields, log, mask_url, session_logger, setup_logging
+
+
+@pytest.fixture
+def logfile(tmp_path):
+    path = tmp_path / "relay.log"
+    yield path
+    for handler in list(log.handlers):
+        log.removeHandler(handler)
+        handler.close()
+
+
+def lines(path):
+    return path.read_text(encoding="utf-8").splitlines()
+
+
+def test_2_3_default_format(logfile):
+    setup_logging(str(logfile), "default", "info")
+    log.info("delivered", extra=fields(id="abc", to="x@example.com", note="two words"))
+    (line,) = lines(logfile)
+    assert re.fullmatch(r'\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d\d:\d\d info delivered id=abc '
+                        r'to=x@example.com note="two words"', line), line
+
+
+def test_2_3_plain_format_has_no_time(logfile):
+    setup_logging(str(logfile), "plain", "info")
+    log.warning("refused", extra=fields(reason="nets"))
+    assert lines(logfile) == ["warn refused reason=nets"]
+
+
+def test_2_3_json_format(logfile):
+    setup_logging(str(logfile), "json", "info")
+    session_logger(peer="10.0.0.1").info("message", extra=fields(size=12))
+    obj = json.loads(lines(logfile)[0])
+    assert obj["level"] == "info" and obj["msg"] == "message"
+    assert obj["peer"] == "10.0.0.1" and obj["size"] == 12 and "time" in obj
+
+
+@pytest.mark.parametrize("level,shown", [("error", ["error"]), ("warn", ["error", "warn"]),
+                                         ("info", ["error", "warn", "info"]),
+                                         ("trace", ["error", "warn", "info", "debug", "trace"])])
+def test_2_3_levels(logfile, level, shown):
+    setup_logging(str(logfile), "plain", level)
+    log.error("e")
+    log.warning("w")
+    log.info("i")
+    log.debug("d")
+    log.log(logs.TRACE, "t")
+    assert [l.split()[0] for l in lines(logfile)] == shown
+
+
+def test_2_3_logfile_rotates(logfile, monkeypatch):
+    monkeypatch.setattr(logs, "ROTATE_BYTES", 2000)
+    setup_logging(str(logfile), "plain", "info")
+    for n in range(200):
+        log.info("line", extra=fields(n=n, pad="x" * 40))
+    rotated = sorted(p.name for p in logfile.parent.iterdir())
+    assert rotated == ["relay.log", "relay.log.1", "relay.log.2", "relay.log.3"]
+
+
+def test_6_session_logger_binds_fields(logfile):
+    setup_logging(str(logfile), "plain", "debug")
+    slog = session_logger(peer="192.0.2.1")
+    slog.bind(session="s1")
+    slog.debug("EHLO", extra=fields(helo="printer"))
+    assert lines(logfile) == ["debug EHLO peer=192.0.2.1 session=s1 helo=printer"]
+
+
+@pytest.mark.parametrize("url,masked", [
+    ("smtp://user:Secr3t@mail.example.com:25", "smtp://user:***@mail.example.com:25"),
+    ("see https://a:b%40c@scanner/x and tls://u:v@h", "see https://a:***@scanner/x and tls://u:***@h"),
+    ("smtp://user@host", "smtp://user@host"),
+    ("http://scanner.example/scan", "http://scanner.example/scan"),
+])
+def test_5_1_mask_url(url, masked):
+    assert mask_url(url) == masked
