@@ -27,5 +27,16 @@ test: $(VENV)/.dev
 check: $(VENV)/.runtime
 	$(PY) relay.py -check smtprelay.ini
 
+# Benchmark (SPEC 8). Installs postfix's smtp-sink and smtp-source when missing,
+# without a system mail setup. BENCH_ARGS passes options to bench/run.py.
+bench: $(VENV)/.runtime
+	@if ! command -v smtp-sink >/dev/null 2>&1 && ! test -x /usr/sbin/smtp-sink; then \
+	  sudo=$$(test "$$(id -u)" -eq 0 || echo sudo); \
+	  echo "postfix postfix/main_mailer_type select No configuration" | $$sudo debconf-set-selections && \
+	  $$sudo apt-get update -q && \
+	  $$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q postfix; \
+	fi
+	$(PY) bench/run.py $(BENCH_ARGS)
+
 clean:
 	rm -rf $(VENV) build dist .pytest_cache .hypothesis outbox
