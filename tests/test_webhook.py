@@ -1,0 +1,180 @@
+"""SPEC 4.2: the scanning webhook, against a real http.server on loopback."""
+
+import base64
+import hashlib
+import hmac
+import time
+
+import pytest
+
+from relay_lib.delivery import Delivery, received_header
+from test_delivery_kit import BODY, Downstream, Trickle, envelope, free_port, settings_for
+
+SCAN_UNAVAILABLE = "451 4.3.0 Message scan unavailable, try again later"
+
+
+@pytest.fixture
+def sink():
+    d = Downstream()
+    yield d
+    d.stop()
+
+
+def run(tmp_path, sink, webhook_url, env=None, **options):
+    """Deliver one message through the webhook step; returns (reply, env, settings)."""
+    if "remotes" not in options:
+        options["remotes"] = sink.url()
+    settings = settings_for(tmp_path, webhook_url=webhook_url, **options)
+    delivery = Delivery(settings)
+    env = env or envelope()
+    try:
+        return delivery.deliver(env, BODY), env, settings
+    finally:
+        delivery.close()
+
+
+def test_4_2_request_body_and_headers(tmp_path, sink, webhook):
+    env = envelope(rcpts=["b@example.org", "c@example.org"], user="app1", tls=("TLSv1.3", "X"),
+                   peer="10.1.2.3")
+    reply, env, settings = run(tmp_path, sink, webhook.url, env=env)
+    assert str(reply) == "250 2.0.0 OK %s" % env.id
+    (request,) = webhook.requests
+    forwarded = received_header(settings, env) + BODY
+    assert request.headers["Content-Type"] == "application/json"
+    assert request.headers["X-Smtprelay-Id"] == env.id
+    assert "X-Smtprelay-Signature" not in request.headers
+    body = request.json
+    assert base64.b64decode(body.pop("message")) == forwarded
+    assert body == {"id": env.id, "peer": "10.1.2.3", "helo": "printer.lan", "username": "app1",
+                    "tls": True, "from": "app@example.com", "to": ["b@example.org", "c@example.org"],
+                    "size": len(forwarded),
+                    "received_at": env.received_at.strftime("%Y-%m-%dT%H:%M:%SZ")}
+    assert sink.box[0].content == forwarded
+
+
+def test_4_2_hmac_signature_header(tmp_path, sink, webhook):
+    run(tmp_path, sink, webhook.url, webhook_secret="k3y")
+    (request,) = webhook.requests
+    expected = hmac.new(b"k3y", request.body, hashlib.sha256).hexdigest()
+    assert request.headers["X-Smtprelay-Signature"] == "sha256=" + expected
+
+
+def test_4_2_called_once_with_every_recipient(tmp_path, webhook):
+    one, two = Downstream(), Downstream()
+    try:
+        remotes = "%s %s" % (one.url(query="recipient=.*@one.test"),
+                             two.url(query="recipient=.*@two.test"))
+        env = envelope(rcpts=["a@one.test", "b@two.test"])
+        reply, _, _ = run(tmp_path, None, webhook.url, env=env, remotes=remotes)
+    finally:
+        one.stop()
+        two.stop()
+    assert reply.code == 250
+    assert len(webhook.requests) == 1
+    assert webhook.requests[0].json["to"] == ["a@one.test", "b@two.test"]
+
+
+@pytest.mark.parametrize("status,answer", [
+    (200, None), (204, None), (200, {"action": "accept"}), (200, b"  \r\n"),
+], ids=["empty-200", "empty-204", "accept", "whitespace"])
+def test_4_2_accept_goes_on(tmp_path, sink, webhook, status, answer):
+    webhook.script = lambda request: (status, answer, 0)
+    reply, env, _ = run(tmp_path, sink, webhook.url)
+    assert str(reply) == "250 2.0.0 OK %s" % env.id
+    assert len(sink.box) == 1
+
+
+def test_4_2_accept_with_message_replaces_it(tmp_path, sink, webhook):
+    replaced = b"X-Scanned: yes\nSubject: test\n\nclean body\n"
+    webhook.script = lambda request: (
+        200, {"action": "accept", "message": base64.b64encode(replaced).decode()}, 0)
+    reply, _, _ = run(tmp_path, sink, webhook.url)
+    assert reply.code == 250
+    # Forwarded with CRLF line ends whatever the scanner wrote (SPEC 3.3).
+    assert sink.box[0].content == replaced.replace(b"\n", b"\r\n")
+
+
+def test_4_2_reject_uses_code_and_reason(tmp_path, sink, webhook):
+    webhook.script = lambda request: (200, {"action": "reject", "code": 550, "reason": "Virus found"}, 0)
+    reply, _, _ = run(tmp_path, sink, webhook.url)
+    assert str(reply) == "550 5.7.1 Virus found"
+    assert sink.box == []
+
+
+@pytest.mark.parametrize("answer,line", [
+    ({"action": "reject", "code": 554, "reason": "Spam"}, "554 5.7.1 Spam"),
+    ({"action": "reject", "code": 450, "reason": "Spam"}, "550 5.7.1 Spam"),
+    ({"action": "reject", "code": 250, "reason": "Spam"}, "550 5.7.1 Spam"),
+    ({"action": "reject", "code": "nope", "reason": "Spam"}, "550 5.7.1 Spam"),
+    ({"action": "reject"}, "550 5.7.1 Message rejected"),
+    ({"action": "reject", "code": 550, "reason": "5.7.0 Policy\r\nX"}, "550 5.7.0 Policy  X"),
+], ids=["554", "4xx-becomes-550", "2xx-becomes-550", "junk-code", "defaults", "own-enhanced-code"])
+def test_4_2_reject_code_outside_5xx_becomes_550(tmp_path, sink, webhook, answer, line):
+    webhook.script = lambda request: (200, answer, 0)
+    reply, _, _ = run(tmp_path, sink, webhook.url)
+    assert str(reply) == line
+    assert sink.box == []
+
+
+def test_4_2_discard_answers_250_and_forwards_nothing(tmp_path, sink, webhook):
+    webhook.script = lambda request: (200, {"action": "discard"}, 0)
+    reply, env, _ = run(tmp_path, sink, webhook.url)
+    assert str(reply) == "250 2.0.0 OK %s" % env.id
+    assert sink.box == []
+
+
+@pytest.mark.parametrize("status,answer", [
+    (200, {"action": "tempfail", "reason": "busy"}),
+    (500, {"action": "accept"}),
+    (404, None),
+    (302, None),
+    (200, b"{not json"),
+    (200, b"[1, 2]"),
+    (200, {"action": "deliver"}),
+    (200, {}),
+    (200, {"action": "accept", "message": "***not base64***"}),
+    (200, {"action": "accept", "message": 42}),
+], ids=["tempfail", "http-500", "http-404", "redirect", "bad-json", "not-object", "unknown-action",
+        "no-action", "bad-base64", "message-not-string"])
+def test_4_2_broken_or_tempfail_answer_is_451(tmp_path, sink, webhook, status, answer):
+    webhook.script = lambda request: (status, answer, 0)
+    reply, _, _ = run(tmp_path, sink, webhook.url)
+    assert str(reply) == SCAN_UNAVAILABLE
+    assert sink.box == []
+
+
+def test_4_2_refused_connection_is_451(tmp_path, sink):
+    reply, _, _ = run(tmp_path, sink, "http://127.0.0.1:%d/scan" % free_port())
+    assert str(reply) == SCAN_UNAVAILABLE
+    assert sink.box == []
+
+
+def test_4_2_slow_scanner_times_out_with_451(tmp_path, sink, webhook):
+    webhook.script = lambda request: (200, {"action": "accept"}, 2)
+    started = time.monotonic()
+    reply, _, _ = run(tmp_path, sink, webhook.url, webhook_timeout="300ms")
+    assert str(reply) == SCAN_UNAVAILABLE
+    assert time.monotonic() - started < 1.5
+    assert sink.box == []
+
+
+def test_4_2_webhook_timeout_bounds_the_whole_call(tmp_path, sink):
+    # One byte every 0.2 s: no single read waits long, the whole answer would take 40 s.
+    trickle = Trickle(gap=0.2)
+    try:
+        started = time.monotonic()
+        reply, _, _ = run(tmp_path, sink, trickle.url, webhook_timeout="700ms")
+        elapsed = time.monotonic() - started
+    finally:
+        trickle.stop()
+    assert str(reply) == SCAN_UNAVAILABLE
+    assert elapsed < 2
+    assert sink.box == []
+
+
+def test_4_2_scanner_sees_aliased_recipients(tmp_path, sink, webhook):
+    aliases = tmp_path / "aliases"
+    aliases.write_text("b@example.org real@example.net\n")
+    reply, _, _ = run(tmp_path, sink, webhook.url, aliases_file=str(aliases))
+    assert reply.code == 250
+    assert webhook.requests[0].json["to"] == ["real@example.net"]
