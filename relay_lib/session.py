@@ -503,7 +503,8 @@ def parse_path(text: str, null_ok: bool) -> Tuple[str, List[str]]:
     Accepts quoted local parts (`<"a b"@x>`, kept as written), strips source
     routes (`<@a,@b:u@d>` is `u@d`) [R5321 4.1.2, C.] and allows a space
     after the colon, as many clients send one. `<>` is the null path, for
-    MAIL only; RCPT also takes `<postmaster>` without a domain [R5321 4.5.1].
+    MAIL only; RCPT takes `<postmaster>` without a domain [R5321 4.5.1], MAIL
+    any bare local name.
 
     Raises:
         ValueError: with the reason, when the path is malformed.
@@ -551,7 +552,10 @@ def parse_path(text: str, null_ok: bool) -> Tuple[str, List[str]]:
         return addr, params
     local, at, domain = addr.rpartition("@")
     if not at:
-        if not null_ok and addr.lower() == "postmaster":
+        # A bare local name: devices send `MAIL FROM:<scanner>`, and the users
+        # file can allow exactly that (SPEC 2.4). A recipient needs a domain,
+        # except postmaster.
+        if null_ok or addr.lower() == "postmaster":
             return addr, params
         raise ValueError("address needs a domain")
     if not local or not domain or '"' in domain or ("@" in local and not local.startswith('"')):
