@@ -7,7 +7,6 @@ an envelope and the message bytes and returns the one reply for the client.
 
 import base64
 import os
-import re
 import secrets
 import smtplib
 import subprocess
@@ -26,7 +25,6 @@ from .replies import Reply, clean_echo
 EX_TEMPFAIL = 75  # sysexits.h: the command asks the client to retry (SPEC 4.3)
 # Base64 grows a message by 4/3; the scanner may add headers or a disclaimer.
 WEBHOOK_ANSWER_SLACK = 1024 * 1024
-_ENHANCED = re.compile(r"^([245])\.\d{1,3}\.\d{1,3}$")
 
 
 @dataclass
@@ -204,8 +202,8 @@ def remote_reply(remote: remotes.Remote, exc: BaseException) -> Reply:
     if not 500 <= code <= 599:
         return replies.FORWARD_TEMPFAIL
     words = remotes.reply_text(text).split(" ", 1)
-    enhanced = "5.0.0"
-    if _ENHANCED.match(words[0]) and words[0][0] == "5":
+    enhanced = "%d.0.0" % (code // 100)
+    if words[0][:2] == "5." and remotes.is_enhanced_code(words[0]):
         enhanced = words[0]
         words = words[1:]
     return Reply(code, enhanced, clean_echo("%s: %s" % (remote.host, " ".join(words))).rstrip())

@@ -166,8 +166,9 @@ def route(remotes: Tuple[Remote, ...], sender: str, rcpts, strict_sender: bool):
 # ---------------------------------------------------------------------------
 
 _DOT_LINE = re.compile(rb"(?m)^\.")
-_QUIT_TIMEOUT = 2.0  # seconds for a polite QUIT when closing idle connections
-_REPLY_TEXT_MAX = 200  # characters of a remote reply kept for logs and errors
+_QUIT_TIMEOUT = 2.0  # seconds to hand a QUIT to the kernel when closing
+_REPLY_TEXT_MAX = 300  # characters of a remote reply kept; a reply line stays under 512 [R5321 4.5.3.1.5]
+_ENHANCED_CODE = re.compile(r"^[245]\.\d{1,3}\.\d{1,3}$")  # [R3463 2]
 
 
 class SetupFailed(smtplib.SMTPException):
@@ -204,11 +205,16 @@ class _Conn:
         return not readable
 
     def close(self, polite: bool = False) -> None:
+        """Close; `polite` sends QUIT first without waiting for its reply.
+
+        Waiting for 221 would cost a round trip while a client waits for its
+        own reply, and the answer changes nothing [R5321 4.1.1.10].
+        """
         try:
             if polite and self.smtp.sock is not None:
                 self.smtp.sock.settimeout(_QUIT_TIMEOUT)
-                self.smtp.quit()
-        except (OSError, smtplib.SMTPException):
+                self.smtp.sock.sendall(b"QUIT\r\n")
+        except OSError:
             pass  # the remote went away first; closing below is all that is left
         finally:
             self.smtp.close()
@@ -385,10 +391,18 @@ def _client_context(skip_verify: bool, cert: Optional[str], key: Optional[str]) 
 
 
 def reply_text(raw) -> str:
-    """A remote's reply text as one printable line, bounded in length."""
+    """A remote's reply text as one printable line, bounded in length.
+
+    smtplib joins the lines of a multi-line reply with "\\n"; an enhanced
+    code repeated at the start of each continuation line is dropped.
+    """
     if isinstance(raw, bytes):
         raw = raw.decode("utf-8", "replace")
-    text = " ".join(str(raw).split())
+    lines = str(raw).split("\n")
+    first = lines[0].split(None, 1)
+    code = first[0] if first and _ENHANCED_CODE.match(first[0]) else None
+    rest = [ln.split(None, 1)[1] if code and ln.startswith(code + " ") else ln for ln in lines[1:]]
+    text = " ".join(" ".join([lines[0]] + rest).split())
     return text[:_REPLY_TEXT_MAX]
 
 
@@ -490,3 +504,8 @@ def _atomic_write(path: str, data: bytes) -> None:
         except OSError:
             pass  # keep the original error
         raise
+
+
+def is_enhanced_code(word: str) -> bool:
+    """True for an RFC 3463 status code such as `5.1.1`."""
+    return _ENHANCED_CODE.match(word) is not None

@@ -22,6 +22,7 @@ from typing import Any, Dict, NamedTuple, Optional
 ACCEPT, REPLACE, REJECT, DISCARD, TEMPFAIL = "accept", "replace", "reject", "discard", "tempfail"
 DEFAULT_REJECT_CODE = 550  # SPEC 4.2: a code outside 500-599 becomes 550
 DEFAULT_REJECT_REASON = "Message rejected"
+REASON_MAX = 300  # keeps the reply line under 512 octets [R5321 4.5.3.1.5]
 _ENHANCED = re.compile(r"^5\.\d{1,3}\.\d{1,3}\s+")
 _LINE_ENDS = re.compile(rb"\r?\n")
 
@@ -107,7 +108,7 @@ def parse_answer(data: bytes) -> Verdict:
     if action == REJECT:
         code = _reject_code(obj.get("code"))
         reason = obj.get("reason")
-        reason = reason.strip() if isinstance(reason, str) and reason.strip() else DEFAULT_REJECT_REASON
+        reason = reason.strip()[:REASON_MAX] if isinstance(reason, str) and reason.strip() else DEFAULT_REJECT_REASON
         enhanced = "5.7.1"
         match = _ENHANCED.match(reason)
         if match:  # the scanner wrote its own enhanced code: "5.7.1 Virus found"

@@ -193,7 +193,7 @@ class Downstream:
         self.host = host
         self.port = port or free_port(host)
         self.handler = _Recorder(pipelining)
-        kwargs = {}
+        kwargs = {"enable_SMTPUTF8": True}
         if auth is not None:
             def authenticator(server, session, envelope, mechanism, data):
                 self.handler.mechanisms.append(mechanism)

@@ -277,6 +277,37 @@ def test_4_1_remote_5xx_is_passed_through_prefixed_by_host(tmp_path, downstream)
     assert str(reply) == "554 5.6.0 127.0.0.1: Content rejected"
 
 
+def test_4_1_multiline_5xx_is_joined_on_one_line(tmp_path, downstream):
+    d = downstream()
+    d.handler.data_reply = "550-5.7.1 Message refused\r\n550 5.7.1 see https://example.com/why"
+    reply, _ = deliver_once(tmp_path, remotes=d.url())
+    assert str(reply) == "550 5.7.1 127.0.0.1: Message refused see https://example.com/why"
+
+
+def test_4_1_5xx_without_enhanced_code_gets_5_0_0(tmp_path, downstream):
+    d = downstream()
+    d.handler.data_reply = "552 Too much mail"
+    reply, _ = deliver_once(tmp_path, remotes=d.url())
+    assert str(reply) == "552 5.0.0 127.0.0.1: Too much mail"
+
+
+def test_5_3_non_ascii_addresses_use_smtputf8(tmp_path, downstream):
+    d = downstream()
+    env = envelope(mail_from="j\u00fcrgen@example.com", rcpts=["b\u00e9@example.org"])
+    reply, _ = deliver_once(tmp_path, env=env, remotes=d.url())
+    assert reply.code == 250
+    assert "SMTPUTF8" in d.box[0].mail_options
+    assert d.box[0].rcpt_tos == ["b\u00e9@example.org"]
+
+
+def test_5_3_non_ascii_addresses_to_a_remote_without_smtputf8_fail_permanently(tmp_path, mini):
+    m = mini()
+    env = envelope(mail_from="j\u00fcrgen@example.com")
+    reply, _ = deliver_once(tmp_path, env=env, remotes=m.url())
+    assert str(reply) == "553 5.6.7 127.0.0.1: remote does not support SMTPUTF8"
+    assert m.messages == []
+
+
 @pytest.mark.parametrize("pipelining", [False, True], ids=["serial", "pipelined"])
 def test_5_3_partial_recipient_refusal_fails_the_message(tmp_path, downstream, pipelining):
     d = downstream(pipelining=pipelining)
