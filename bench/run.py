@@ -66,7 +66,9 @@ def free_port() -> int:
 
 
 def find_tool(name: str) -> str:
-    path = shutil.which(name) or shutil.which(name, path="/usr/sbin:/usr/local/sbin")
+    # The venv's bin (py-spy) and sbin (smtp-sink, not on a user's PATH) too.
+    search = [os.path.dirname(sys.executable), os.environ.get("PATH", ""), "/usr/sbin", "/usr/local/sbin"]
+    path = shutil.which(name, path=os.pathsep.join(search))
     if not path:
         raise BenchError("%s not found: install postfix (make bench does it)" % name)
     return path
@@ -149,7 +151,8 @@ class Sink:
 class Relay:
     """`python relay.py bench.ini` forwarding to the sink, as a child process."""
 
-    def __init__(self, workdir: str, sink_port: int, max_connections: int, extra: Dict[str, str]):
+    def __init__(self, workdir: str, sink_port: int, max_connections: int, extra: Dict[str, str],
+                 profile: Optional[str] = None, cprofile: Optional[str] = None):
         self.port = free_port()
         self.ini = os.path.join(workdir, "bench.ini")
         self.log_path = os.path.join(workdir, "relay.log")
@@ -164,9 +167,20 @@ class Relay:
         with open(self.ini, "w") as f:
             f.write("".join("%s = %s\n" % item for item in options.items()))
         self._out = open(self.log_path, "ab")
-        self.proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "relay.py"), self.ini],
-                                     cwd=ROOT, stdout=self._out, stderr=subprocess.STDOUT)
+        cmd = [sys.executable, os.path.join(ROOT, "relay.py"), self.ini]
+        if cprofile:
+            cmd[1:2] = [os.path.join(ROOT, "bench", "cprofile_relay.py"), cprofile]
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=self._out, stderr=subprocess.STDOUT)
         wait_for_greeting(self.port, self.proc, self.log_path)
+        self.profiler = None
+        self.profile = profile
+        if profile:
+            # --gil: only the thread holding the GIL, i.e. where the CPU goes.
+            self.profiler = subprocess.Popen(
+                [find_tool("py-spy"), "record", "--pid", str(self.proc.pid), "--gil", "--nonblocking",
+                 "--rate", "250", "--format", "raw", "--output", profile],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            time.sleep(1.0)  # py-spy needs a moment to attach
 
     def status(self, key: str) -> Optional[int]:
         """A number from /proc/<pid>/status (VmHWM, VmRSS in kB; Threads)."""
@@ -179,6 +193,15 @@ class Relay:
             pass
         return None
 
+    def cpu_seconds(self) -> float:
+        """User + system CPU time the relay has used so far."""
+        try:
+            with open("/proc/%d/stat" % self.proc.pid) as f:
+                fields = f.read().rpartition(")")[2].split()
+            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        except (OSError, ValueError, IndexError):
+            return 0.0
+
     def check_alive(self) -> None:
         if self.proc.poll() is not None:
             raise BenchError("relay exited with %s:\n%s" % (self.proc.returncode, tail(self.log_path)))
@@ -186,6 +209,45 @@ class Relay:
     def close(self) -> None:
         stop(self.proc)
         self._out.close()
+        if self.profiler:
+            self.profiler.wait(30)  # py-spy writes its output when the relay exits
+            print_profile(self.profile)
+
+
+def print_cprofile(path: str, messages: int, top: int = 30) -> None:
+    """The functions with the most own time, with their calls per message."""
+    import pstats
+
+    stats = pstats.Stats(path).stats
+    total = sum(row[2] for row in stats.values()) or 1.0
+    print("  cProfile %s (%d messages through the relay; thread CPU time, inflated by profiling):" % (path, messages))
+    print("    own %   calls/msg  us/msg  function")
+    rows = sorted(stats.items(), key=lambda item: -item[1][2])[:top]
+    for (filename, line, name), (_, ncalls, tottime, _, _) in rows:
+        where = "%s:%d" % (os.path.basename(filename), line) if line else filename
+        print("    %5.1f  %9.1f  %6.1f  %s (%s)" % (
+            100 * tottime / total, ncalls / messages, 1e6 * tottime / messages, name, where))
+
+
+def print_profile(path: str, top: int = 25) -> None:
+    """Summarise py-spy's raw output ("frame;frame;... count" lines) by function."""
+    own: Dict[str, int] = {}
+    total: Dict[str, int] = {}
+    samples = 0
+    with open(path) as f:
+        for line in f:
+            stack, _, count = line.rstrip().rpartition(" ")
+            frames = [re.sub(r" \((.*/)?([^/]+)\)$", r" (\2)", fr) for fr in stack.split(";")]
+            n = int(count)
+            samples += n
+            own[frames[-1]] = own.get(frames[-1], 0) + n
+            for frame in set(frames):
+                total[frame] = total.get(frame, 0) + n
+    print("  profile %s: %d samples with the GIL held" % (path, samples))
+    for title, table in (("self", own), ("inclusive", total)):
+        print("  top %d by %s time:" % (top, title))
+        for frame, n in sorted(table.items(), key=lambda item: -item[1])[:top]:
+            print("    %5.1f%%  %s" % (100.0 * n / max(samples, 1), frame))
 
 
 def drive(port: int, cfg: Config) -> float:
@@ -234,30 +296,40 @@ class Result(NamedTuple):
     direct: float  # median msgs/s
     relay: float
     ratio: float  # median of the per-round ratios
+    cpu_ms: float  # relay CPU time (user + system) per message, median
     hwm_kb: Optional[int]
 
 
 def bench_config(cfg: Config, sink: Sink, workdir: str, runs: int, extra: Dict[str, str],
-                 direct_only: bool = False) -> Result:
-    relay = None if direct_only else Relay(workdir, sink.port, max(100, cfg.clients * 5), extra)
+                 direct_only: bool = False, profile: Optional[str] = None,
+                 cprofile: Optional[str] = None) -> Result:
+    relay = None
+    if not direct_only:
+        relay = Relay(workdir, sink.port, max(100, cfg.clients * 5), extra, profile, cprofile)
     try:
-        directs, relays, ratios = [], [], []
+        directs, relays, ratios, cpus = [], [], [], []
         for n in range(1, runs + 1):
             direct = measure(sink, sink.port, cfg, "direct")
-            through = 0.0
+            through = cpu = 0.0
             if relay:
+                cpu_before = relay.cpu_seconds()
                 through = measure(sink, relay.port, cfg, "through the relay")
+                cpu = (relay.cpu_seconds() - cpu_before) * 1000 / cfg.messages
                 relay.check_alive()
             directs.append(direct)
             relays.append(through)
             ratios.append(through / direct)
-            print("  round %d: direct %8.0f msgs/s   relay %7.0f msgs/s   ratio %.3f" % (
-                n, direct, through, through / direct), flush=True)
+            cpus.append(cpu)
+            print("  round %d: direct %8.0f msgs/s   relay %7.0f msgs/s   ratio %.3f   relay CPU %.2f ms/msg" % (
+                n, direct, through, through / direct, cpu), flush=True)
         return Result(cfg, statistics.median(directs), statistics.median(relays),
-                      statistics.median(ratios), relay.status("VmHWM") if relay else None)
+                      statistics.median(ratios), statistics.median(cpus),
+                      relay.status("VmHWM") if relay else None)
     finally:
         if relay:
             relay.close()
+            if cprofile and os.path.exists(cprofile):
+                print_cprofile(cprofile, cfg.messages * runs)
 
 
 class IdleResult(NamedTuple):
@@ -323,14 +395,15 @@ def mb(kb: Optional[int]) -> str:
 def print_table(results: List[Result], idle: Optional[IdleResult], runs: int) -> None:
     print()
     print("Results (median of %d rounds; ratio = relay msgs/s / direct msgs/s in the same round)" % runs)
-    header = "| configuration | messages | direct msgs/s | relay msgs/s | ratio | target (min / aim) | relay peak RSS |"
+    header = ("| configuration | messages | direct msgs/s | relay msgs/s | ratio | target (min / aim) "
+              "| relay CPU ms/msg | relay peak RSS |")
     print(header)
     print("|" + "---|" * (header.count("|") - 1))
     for r in results:
         verdict = "ok" if r.ratio >= r.cfg.minimum else "below"
-        print("| %s | %d | %.0f | %.0f | %.3f | %.2f / %.2f (%s) | %s |" % (
+        print("| %s | %d | %.0f | %.0f | %.3f | %.2f / %.2f (%s) | %.2f | %s |" % (
             r.cfg.name, r.cfg.messages, r.direct, r.relay, r.ratio,
-            r.cfg.minimum, r.cfg.aim, verdict, mb(r.hwm_kb)))
+            r.cfg.minimum, r.cfg.aim, verdict, r.cpu_ms, mb(r.hwm_kb)))
     if idle:
         print()
         print("Idle sessions: %d of %d held, %d refused or dropped, a message %s meanwhile; "
@@ -351,6 +424,10 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
                         help="extra relay option for bench.ini, e.g. --set remote_pool_size=20")
     parser.add_argument("--direct-only", action="store_true",
                         help="only measure the sink (checks the harness and the machine's limit)")
+    parser.add_argument("--profile", metavar="DIR",
+                        help="record the relay with py-spy (in the venv) into DIR and print the hot spots")
+    parser.add_argument("--cprofile", metavar="DIR",
+                        help="run the relay under cProfile (every thread) into DIR and print the hot spots")
     parser.add_argument("--keep", action="store_true", help="keep the work folder (ini, logs)")
     return parser.parse_args(argv)
 
@@ -358,7 +435,7 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
 def main(argv: List[str]) -> int:
     args = parse_args(argv)
     extra = dict(item.split("=", 1) for item in args.set)
-    configs = [scaled(c, args.scale) for i, c in enumerate(CONFIGS, 1) if not args.only or i in args.only]
+    configs = [(n, scaled(c, args.scale)) for n, c in enumerate(CONFIGS, 1) if not args.only or n in args.only]
     workdir = tempfile.mkdtemp(prefix="smtprelay-bench-")
     os.chmod(workdir, 0o755)  # smtp-sink drops to nobody
     sink = None
@@ -366,9 +443,15 @@ def main(argv: List[str]) -> int:
     idle = None
     try:
         sink = Sink(workdir)
-        for cfg in configs:
+        for folder in (args.profile, args.cprofile):
+            if folder:
+                os.makedirs(folder, exist_ok=True)
+        for n, cfg in configs:
             print("%s: %d messages per run" % (cfg.name, cfg.messages), flush=True)
-            results.append(bench_config(cfg, sink, workdir, args.runs, extra, args.direct_only))
+            profile = os.path.join(args.profile, "relay-%d.txt" % n) if args.profile else None
+            cprofile = os.path.join(args.cprofile, "relay-%d.pstats" % n) if args.cprofile else None
+            results.append(bench_config(cfg, sink, workdir, args.runs, extra, args.direct_only,
+                                        profile, cprofile))
         if not args.no_idle and not args.direct_only:
             print("Idle sessions: opening %d" % IDLE_SESSIONS, flush=True)
             idle = bench_idle(sink, workdir, extra)
