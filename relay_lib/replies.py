@@ -127,3 +127,13 @@ COMMAND_TEMPFAIL = Reply(451, "4.3.0", "External command failed temporarily, try
 COMMAND_FAILED = Reply(554, "5.3.0", "External command failed")
 FORWARD_TEMPFAIL = Reply(451, "4.4.1", "Forwarding failed, try again later")
 NO_REMOTE = Reply(554, "5.3.5", "No remote configured")
+
+
+def scan_rejected(code: int, enhanced: str, reason: str) -> Reply:
+    """The webhook's reject verdict (SPEC 4.2); the caller ensures a 5xx code."""
+    return Reply(code, enhanced, clean_echo(reason))
+
+
+def remote_refused(code: int, enhanced: str, host: str, text: str) -> Reply:
+    """A remote's 5xx passed through, prefixed by the remote host (SPEC 4.1)."""
+    return Reply(code, enhanced, clean_echo("%s: %s" % (host, text)).rstrip())
