@@ -20,7 +20,7 @@ from . import remotes, replies, webhook
 from .config import Settings
 from .logs import fields, log
 from .policy import Aliases
-from .replies import Reply, clean_echo
+from .replies import Reply
 
 EX_TEMPFAIL = 75  # sysexits.h: the command asks the client to retry (SPEC 4.3)
 # Base64 grows a message by 4/3; the scanner may add headers or a disclaimer.
@@ -104,6 +104,7 @@ class Delivery:
         self.dispatcher.close()
 
     def _deliver(self, env: Envelope, body: bytes, results: List[str]) -> Reply:
+        """The steps of SPEC 4 in order; the first one that fails decides the reply."""
         s = self.settings
         env.rcpts = _unique(self.aliases.resolve(r) for r in env.rcpts)
         message = received_header(s, env) + body
@@ -111,30 +112,37 @@ class Delivery:
         if not s.remotes and not s.command:
             return replies.NO_REMOTE
         plan = remotes.route(s.remotes, env.mail_from, env.rcpts, s.strict_sender)
-        if not s.command:
-            routed = {r for _, rcpts in plan for r in rcpts}
-            if any(r not in routed for r in env.rcpts):
-                # Refused at RCPT normally (SPEC 5.2); reaching here means the
-                # aliases or remotes changed since. Never drop after a 250.
-                results.append("no remote routes a recipient")
-                return replies.NO_ROUTE
+        routed = {r for _, rcpts in plan for r in rcpts}
+        if not s.command and any(r not in routed for r in env.rcpts):
+            # Refused at RCPT normally (SPEC 5.2); reaching here means the
+            # aliases or remotes changed since. Never drop after a 250.
+            results.append("no remote routes a recipient")
+            return replies.NO_ROUTE
         if s.webhook_url:
             verdict = self._scan(env, message)
             results.append("webhook %s" % verdict.action)
-            if verdict.action == webhook.TEMPFAIL:
-                log.warning("webhook failed", extra=fields(id=env.id, reason=verdict.reason))
-                return replies.SCAN_UNAVAILABLE
-            if verdict.action == webhook.REJECT:
-                return Reply(verdict.code, verdict.enhanced, clean_echo(verdict.reason))
-            if verdict.action == webhook.DISCARD:
-                return replies.accepted(env.id)
             if verdict.action == webhook.REPLACE:
                 message = verdict.message
+            elif verdict.action != webhook.ACCEPT:
+                return self._verdict_reply(env, verdict)
         if s.command:
             reply = self._run_command(env, message)
             results.append("command %d" % reply.code)
-            if reply.code != 250:
+            if reply is not replies.OK:
                 return reply
+        return self._forward(env, plan, message, results)
+
+    def _verdict_reply(self, env: Envelope, verdict: webhook.Verdict) -> Reply:
+        """The reply for a webhook verdict that stops the message (SPEC 4.2)."""
+        if verdict.action == webhook.REJECT:
+            return replies.scan_rejected(verdict.code, verdict.enhanced, verdict.reason)
+        if verdict.action == webhook.DISCARD:
+            return replies.accepted(env.id)  # quarantined by the scanner: nothing to forward
+        log.warning("webhook failed", extra=fields(id=env.id, reason=verdict.reason))
+        return replies.SCAN_UNAVAILABLE
+
+    def _forward(self, env: Envelope, plan, message: bytes, results: List[str]) -> Reply:
+        """One transaction per remote, in the order listed; the first failure stops (SPEC 5.3)."""
         for remote, rcpts in plan:
             try:
                 if remote.scheme == "file":
@@ -143,7 +151,7 @@ class Delivery:
                     outcome = "ok"
                 else:
                     outcome = self.dispatcher.send(remote, env.mail_from, rcpts, message)
-            except Exception as exc:  # noqa: BLE001 (mapped to its SPEC 4.1 reply below)
+            except Exception as exc:  # noqa: BLE001 (remote_reply maps each kind, SPEC 4.1)
                 reply = remote_reply(remote, exc)
                 results.append("%s %s" % (remote.masked(), reply.code))
                 log.warning("remote failed", extra=fields(
@@ -206,7 +214,7 @@ def remote_reply(remote: remotes.Remote, exc: BaseException) -> Reply:
     if words[0][:2] == "5." and remotes.is_enhanced_code(words[0]):
         enhanced = words[0]
         words = words[1:]
-    return Reply(code, enhanced, clean_echo("%s: %s" % (remote.host, " ".join(words))).rstrip())
+    return replies.remote_refused(code, enhanced, remote.host, " ".join(words))
 
 
 def _describe(exc: BaseException) -> str:

@@ -366,15 +366,16 @@ class Dispatcher:
             conn.close(polite=True)
 
     def _reap(self) -> None:
-        """Close connections that stayed idle longer than pool_idle."""
+        """Close connections idle longer than pool_idle, or closed by the remote meanwhile."""
         period = max(self.pool_idle / 2, 0.05)
         while not self._stop.wait(period):
             limit = time.monotonic() - self.pool_idle
             expired = []
             with self._lock:
                 for stack in self._idle.values():
-                    expired.extend(c for c in stack if c.last_used < limit)
-                    stack[:] = [c for c in stack if c.last_used >= limit]
+                    keep = [c for c in stack if c.last_used >= limit and c.looks_alive()]
+                    expired.extend(c for c in stack if c not in keep)
+                    stack[:] = keep
             for conn in expired:
                 conn.close(polite=True)
 

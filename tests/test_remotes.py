@@ -371,6 +371,18 @@ def test_5_3_pool_reuses_one_connection_for_several_messages(tmp_path, downstrea
     assert d.handler.mechanisms == ["PLAIN"]  # authenticated once
 
 
+@pytest.mark.parametrize("scheme,mode", [("tls", "tls"), ("starttls", "starttls")])
+def test_5_3_pool_reuses_tls_connections(tmp_path, downstream, trust_test_ca, scheme, mode):
+    d = downstream(mode, pipelining=True)
+    delivery = Delivery(settings_for(tmp_path, remotes=d.url(scheme)))
+    try:
+        for _ in range(3):
+            assert delivery.deliver(envelope(), BODY).code == 250
+    finally:
+        delivery.close()
+    assert len({m.peer for m in d.box}) == 1 and all(m.tls for m in d.box)
+
+
 def test_5_3_pool_size_zero_opens_a_connection_per_message(tmp_path, downstream):
     d = downstream()
     delivery = Delivery(settings_for(tmp_path, remotes=d.url(), remote_pool_size="0"))
