@@ -206,6 +206,7 @@ class Relay:
             for server in self._servers:
                 server.server_close()
             self._servers = []
+            self.addresses = []
             raise
         for server, (scheme, host, port) in zip(self._servers, self.addresses):
             thread = threading.Thread(target=server.serve_forever, args=(POLL_INTERVAL,),

@@ -62,6 +62,12 @@ class Wire:
     def __init__(self, sock: socket.socket, read_timeout: float,
                  write_timeout: float, data_timeout: float):
         self.sock = sock
+        try:
+            # Replies are already batched into one write; never let Nagle
+            # hold the last one back waiting for an ACK.
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass  # not TCP (a socketpair in tests): nothing to tune
         self.read_timeout = read_timeout
         self.write_timeout = write_timeout
         self.data_timeout = data_timeout

@@ -230,6 +230,18 @@ def test_3_2_held_replies_go_out_before_a_blocking_read(pair):
     assert result == [b"NOOP"]
 
 
+def test_3_2_write_timeout(pair):
+    """A client that stops reading cannot hold the session past write_timeout."""
+    w, client = pair
+    w.write_timeout = 0.3
+    w.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    started = time.monotonic()
+    with pytest.raises(Timeout):
+        w.write(replies.Reply(250, "2.0.0", "x" * 4 * 1024 * 1024))
+    assert time.monotonic() - started < 2
+
+
 def test_3_2_multiline_replies_use_crlf(pair):
     w, client = pair
     w.write(replies.ehlo("relay.test", ["PIPELINING", "8BITMIME"]))
