@@ -6,7 +6,7 @@ bodies from `Wire` and hands it `Reply` values; decisions come from `policy`
 and the message goes to `delivery`.
 
 Theory of operation: `run()` reads one command line at a time, checks the
-verb's gates in order (the first one that objects answers), then calls the
+verb's `GATES` in order (the first one that objects answers), then calls the
 verb's method, which may assume its preconditions. `phase` changes only in
 `_enter()`. Every failed command passes through `_fail()`, which keeps the
 error budget and logs the refusal.
@@ -38,6 +38,67 @@ class Phase(enum.Enum):
     READY = "ready"          # EHLO/HELO done, no transaction
     MAIL = "mail"            # MAIL FROM accepted
     RCPT = "rcpt"            # at least one RCPT TO accepted
+
+
+# ---- gates: each returns the refusal, or None to let the verb run ----------
+# The sequence rules of SPEC 3.2 in one place. GATES lists, per verb, the
+# checks run in order before dispatch; the first objection is the reply, so a
+# verb's method may assume every precondition listed here.
+
+def need_helo(s: "Session") -> Optional[Reply]:
+    return replies.NEED_HELO if s.phase is Phase.CONNECTED else None
+
+
+def starttls_offered(s: "Session") -> Optional[Reply]:
+    return replies.TLS_NOT_OFFERED if s.starttls_context is None and not s.tls else None
+
+
+def not_under_tls(s: "Session") -> Optional[Reply]:
+    return replies.ALREADY_TLS if s.tls else None
+
+
+def tls_if_forced(s: "Session") -> Optional[Reply]:
+    """local_forcetls: on a STARTTLS listener, MAIL and AUTH wait for TLS."""
+    forced = s.settings.local_forcetls and s.starttls_context is not None
+    return replies.STARTTLS_FIRST if forced and not s.tls else None
+
+
+def auth_offered(s: "Session") -> Optional[Reply]:
+    return replies.NOT_IMPLEMENTED if s.users is None else None
+
+
+def auth_under_tls(s: "Session") -> Optional[Reply]:
+    return replies.AUTH_NEEDS_TLS if not s.tls else None
+
+
+def not_authenticated(s: "Session") -> Optional[Reply]:
+    return replies.ALREADY_AUTHENTICATED if s.user is not None else None
+
+
+def auth_if_required(s: "Session") -> Optional[Reply]:
+    return replies.AUTH_REQUIRED if s.users is not None and s.user is None else None
+
+
+def no_transaction(s: "Session") -> Optional[Reply]:
+    return replies.NESTED_MAIL if s.phase in (Phase.MAIL, Phase.RCPT) else None
+
+
+def in_transaction(s: "Session") -> Optional[Reply]:
+    return replies.NEED_MAIL if s.phase not in (Phase.MAIL, Phase.RCPT) else None
+
+
+def has_recipients(s: "Session") -> Optional[Reply]:
+    return replies.NEED_RCPT if s.phase is not Phase.RCPT else None
+
+
+Gate = Callable[["Session"], Optional[Reply]]
+GATES: Dict[str, Tuple[Gate, ...]] = {
+    "STARTTLS": (starttls_offered, not_under_tls),
+    "AUTH": (auth_offered, need_helo, tls_if_forced, auth_under_tls, not_authenticated, no_transaction),
+    "MAIL": (need_helo, tls_if_forced, auth_if_required, no_transaction),
+    "RCPT": (in_transaction,),
+    "DATA": (has_recipients,),
+}
 
 
 class Session:
@@ -90,17 +151,6 @@ class Session:
             "VRFY": self.smtp_VRFY,
             "HELP": self.smtp_HELP,
             "QUIT": self.smtp_QUIT,
-        }
-        # Checked in order before dispatch; the first objection is the reply.
-        self.gates: Dict[str, Tuple[Callable[[], Optional[Reply]], ...]] = {
-            "STARTTLS": (self._gate_tls_offered, self._gate_not_tls),
-            "AUTH": (self._gate_auth_offered, self._gate_helo, self._gate_forcetls,
-                     self._gate_auth_needs_tls, self._gate_not_authenticated,
-                     self._gate_no_transaction),
-            "MAIL": (self._gate_helo, self._gate_forcetls, self._gate_auth_required,
-                     self._gate_no_transaction),
-            "RCPT": (self._gate_in_transaction,),
-            "DATA": (self._gate_has_recipients,),
         }
 
     # ---- the loop ----------------------------------------------------------
@@ -188,8 +238,8 @@ class Session:
         if method is None:
             self._fail(replies.UNRECOGNIZED)
             return
-        for gate in self.gates.get(verb, ()):
-            refusal = gate()
+        for gate in GATES.get(verb, ()):
+            refusal = gate(self)
             if refusal is not None:
                 self._fail(refusal, verb=verb)
                 return
@@ -229,52 +279,25 @@ class Session:
             self.envelope = None
             self.smtputf8 = False
 
-    # ---- gates: each returns the refusal, or None to let the verb run ------
-
-    def _gate_helo(self) -> Optional[Reply]:
-        return replies.NEED_HELO if self.phase is Phase.CONNECTED else None
-
-    def _gate_tls_offered(self) -> Optional[Reply]:
-        return replies.TLS_NOT_OFFERED if self.starttls_context is None and not self.tls else None
-
-    def _gate_not_tls(self) -> Optional[Reply]:
-        return replies.ALREADY_TLS if self.tls else None
-
-    def _gate_forcetls(self) -> Optional[Reply]:
-        forced = self.settings.local_forcetls and self.starttls_context is not None
-        return replies.STARTTLS_FIRST if forced and not self.tls else None
-
-    def _gate_auth_offered(self) -> Optional[Reply]:
-        return replies.NOT_IMPLEMENTED if self.users is None else None
-
-    def _gate_auth_needs_tls(self) -> Optional[Reply]:
-        return replies.AUTH_NEEDS_TLS if not self.tls else None
-
-    def _gate_not_authenticated(self) -> Optional[Reply]:
-        return replies.ALREADY_AUTHENTICATED if self.user is not None else None
-
-    def _gate_auth_required(self) -> Optional[Reply]:
-        return replies.AUTH_REQUIRED if self.users is not None and self.user is None else None
-
-    def _gate_no_transaction(self) -> Optional[Reply]:
-        return replies.NESTED_MAIL if self.phase in (Phase.MAIL, Phase.RCPT) else None
-
-    def _gate_in_transaction(self) -> Optional[Reply]:
-        return replies.NEED_MAIL if self.phase not in (Phase.MAIL, Phase.RCPT) else None
-
-    def _gate_has_recipients(self) -> Optional[Reply]:
-        return replies.NEED_RCPT if self.phase is not Phase.RCPT else None
-
     # ---- verbs -------------------------------------------------------------
 
     def smtp_EHLO(self, arg: str) -> None:
+        if self._hello(arg, esmtp=True):
+            self._reply(replies.ehlo(self.settings.hostname, self._extensions()))
+
+    def smtp_HELO(self, arg: str) -> None:
+        if self._hello(arg, esmtp=False):
+            self._reply(replies.helo(self.settings.hostname))
+
+    def _hello(self, arg: str, esmtp: bool) -> bool:
+        """EHLO/HELO: record the name and start over [R5321 4.1.4]."""
         if not arg:
             self._fail(replies.MISSING_DOMAIN)
-            return
+            return False
         self.helo = arg.split(" ", 1)[0]
-        self.esmtp = True
+        self.esmtp = esmtp
         self._enter(Phase.READY)
-        self._reply(replies.ehlo(self.settings.hostname, self._extensions()))
+        return True
 
     def _extensions(self) -> List[str]:
         exts = ["PIPELINING", "SIZE %d" % self.settings.max_message_size, "8BITMIME",
@@ -284,15 +307,6 @@ class Session:
         if self.users is not None and self.tls:
             exts.append("AUTH PLAIN LOGIN")
         return exts
-
-    def smtp_HELO(self, arg: str) -> None:
-        if not arg:
-            self._fail(replies.MISSING_DOMAIN)
-            return
-        self.helo = arg.split(" ", 1)[0]
-        self.esmtp = False
-        self._enter(Phase.READY)
-        self._reply(replies.helo(self.settings.hostname))
 
     def smtp_STARTTLS(self, arg: str) -> None:
         if arg:
