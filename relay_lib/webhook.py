@@ -16,6 +16,7 @@ import re
 import socket
 import threading
 import urllib.error
+import urllib.parse
 import urllib.request
 from typing import Any, Dict, NamedTuple, Optional
 
@@ -74,7 +75,7 @@ def scan(url: str, payload: Dict[str, Any], secret: Optional[str], timeout: floa
     except Exception as exc:  # noqa: BLE001
         if deadline.fired:
             return Verdict(TEMPFAIL, reason="timed out after %gs" % timeout)
-        return Verdict(TEMPFAIL, reason=_describe(exc))
+        return Verdict(TEMPFAIL, reason=_without_secret(_describe(exc), url))
     finally:
         timer.cancel()
         deadline.expire()  # close anything urllib left open
@@ -143,6 +144,15 @@ def _decode_message(value) -> Optional[bytes]:
         return None
     # What is forwarded always has CRLF line ends (SPEC 3.3), whatever the scanner wrote.
     return _LINE_ENDS.sub(b"\r\n", message)
+
+
+def _without_secret(text: str, url: str) -> str:
+    """Error text of a URL with credentials may quote the password: mask it."""
+    try:
+        password = urllib.parse.urlsplit(url).password
+    except ValueError:
+        password = None
+    return text.replace(password, "***") if password else text
 
 
 def _describe(exc: BaseException) -> str:

@@ -232,7 +232,7 @@ class MiniSMTP:
     before MAIL was answered [R2920].
     """
 
-    PIPELINE_WAIT = 0.5
+    PIPELINE_WAIT = 0.25
 
     def __init__(self, pipelining=True, drop_rset=False):
         self.pipelining = pipelining

@@ -3,7 +3,9 @@
 import base64
 import hashlib
 import hmac
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
@@ -178,3 +180,41 @@ def test_4_2_scanner_sees_aliased_recipients(tmp_path, sink, webhook):
     reply, _, _ = run(tmp_path, sink, webhook.url, aliases_file=str(aliases))
     assert reply.code == 250
     assert webhook.requests[0].json["to"] == ["real@example.net"]
+
+
+class _Accepting(BaseHTTPRequestHandler):
+    def do_POST(self):
+        self.rfile.read(int(self.headers["Content-Length"]))
+        self.server.calls += 1
+        body = b'{"action": "accept"}'
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, fmt, *args):
+        pass
+
+
+@pytest.fixture
+def https_webhook(certs):
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Accepting)
+    server.calls = 0
+    server.socket = certs.server_context().wrap_socket(server.socket, server_side=True)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    server.url = "https://localhost:%d/scan" % server.server_address[1]
+    yield server
+    server.shutdown()
+    server.server_close()
+    thread.join(5)
+
+
+def test_4_2_https_webhook_verified_against_the_trust_store(tmp_path, sink, https_webhook, certs,
+                                                            monkeypatch):
+    reply, _, _ = run(tmp_path, sink, https_webhook.url)
+    assert str(reply) == SCAN_UNAVAILABLE  # the test CA is not trusted yet
+    monkeypatch.setenv("SSL_CERT_FILE", certs.ca_path)
+    reply, _, _ = run(tmp_path, sink, https_webhook.url)
+    assert reply.code == 250
+    assert https_webhook.calls == 1 and len(sink.box) == 1
