@@ -24,6 +24,10 @@ from relay_lib.replies import Reply
 MAX_LINE = 4096  # SPEC 3.2 (RFC 5321 4.5.3.1.4 asks for at least 512)
 RECV_SIZE = 256 * 1024  # large reads keep the per-message Python overhead low
 IDLE_SLICE = 1.0  # seconds; how often a blocked read checks for interrupt()
+# Held replies are sent once they reach this size even if input is still
+# buffered, so a client that pipelines a flood of cheap commands cannot make
+# the relay hold megabytes of answers.
+MAX_HELD = 64 * 1024
 
 # The end of a message: a line holding only "." [R5321 4.1.1.4]. Only CRLF
 # counts as a line end here; a dot framed by bare LF or CR is content
@@ -73,6 +77,7 @@ class Wire:
         self.data_timeout = data_timeout
         self._buf = bytearray()
         self._out = []
+        self._held = 0  # octets in _out
         self._interrupted = False
 
     # ---- reading ---------------------------------------------------------
@@ -200,8 +205,10 @@ class Wire:
         Raises:
             Timeout, Closed (only when the queue is flushed now).
         """
-        self._out.append(reply.line())
-        if not self._buf:
+        line = reply.line()
+        self._out.append(line)
+        self._held += len(line)
+        if not self._buf or self._held > MAX_HELD:
             self.flush()
 
     def flush(self) -> None:
@@ -214,6 +221,7 @@ class Wire:
             return
         data = b"".join(self._out)
         self._out = []
+        self._held = 0
         self.sock.settimeout(self.write_timeout)
         try:
             self.sock.sendall(data)

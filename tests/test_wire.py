@@ -216,6 +216,18 @@ def test_3_2_pipelined_replies_are_sent_in_one_batch(pair):
     assert got == b"250 2.0.0 OK\r\n250 2.0.0 OK\r\n"
 
 
+def test_3_2_held_replies_are_bounded(pair):
+    """A flood of pipelined commands does not pile up replies in memory."""
+    w, client = pair
+    client.sendall(b"NOOP\r\n" * 10000)
+    for _ in range(6000):
+        w.read_line()
+        w.write(replies.OK)
+    assert w.has_buffered()
+    assert w._held <= wire.MAX_HELD
+    client.close()  # a client that never reads; the relay must not wait for it
+
+
 def test_3_2_held_replies_go_out_before_a_blocking_read(pair):
     w, client = pair
     client.sendall(b"NOOP\r\nNO")
