@@ -313,7 +313,13 @@ class Session:
             self._fail(replies.SYNTAX_ARGUMENTS)
             return
         self._reply(replies.READY_TLS)
-        dropped = self.wire.start_tls(self.starttls_context)
+        try:
+            dropped = self.wire.start_tls(self.starttls_context)
+        except WireError as exc:
+            # Nothing can be said any more: the client is mid-handshake.
+            self.log.warning("tls handshake failed", extra=fields(reason=str(exc)))
+            self.closing = True
+            return
         if dropped:
             # CVE-2011-0411: commands pipelined in plaintext after STARTTLS.
             self.log.warning("dropped plaintext sent after STARTTLS", extra=fields(octets=dropped))

@@ -267,3 +267,26 @@ def test_3_2_internal_error_is_421_and_logged(relay_factory, caplog, capsys):
         broken.stop(timeout=5)
     assert broken.active_sessions == 0
     assert "Traceback" not in capsys.readouterr().err
+
+
+# -- 6: logging ------------------------------------------------------------------
+
+def test_6_refusals_are_logged_as_warnings_with_reasons(relay_factory, caplog):
+    caplog.set_level(logging.DEBUG, logger="smtprelay")
+    relay = relay_factory(allowed_recipients=r"@example\.com$")
+    with Talk(relay.port) as t:
+        t.reply()
+        t.cmd("EHLO x")
+        t.cmd("MAIL FROM:<a@example.com>")
+        t.cmd("RCPT TO:<b@elsewhere.test>")
+        t.cmd("QUIT")
+    denied = relay_factory(allowed_nets="10.0.0.0/8")
+    with Talk(denied.port) as t:
+        t.reply()
+    warnings = [(r.getMessage(), getattr(r, "fields", {})) for r in caplog.records
+                if r.levelno == logging.WARNING]
+    refused = [f for m, f in warnings if m == "refused"]
+    assert refused and refused[0]["reply"].startswith("550 5.7.1") and refused[0]["rcpt"] == "b@elsewhere.test"
+    assert any("allowed_nets" in m and f["peer"] == "127.0.0.1" for m, f in warnings)
+    events = [r.getMessage() for r in caplog.records if r.levelno == logging.DEBUG]
+    assert "connected" in events and "disconnected" in events and "command" in events
