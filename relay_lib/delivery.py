@@ -7,6 +7,7 @@ an envelope and the message bytes and returns the one reply for the client.
 
 import base64
 import os
+import re
 import secrets
 import smtplib
 import subprocess
@@ -48,9 +49,11 @@ def new_message_id() -> str:
     return "%x%s" % (int(time.time()), secrets.token_hex(5))
 
 
+_NOT_IN_HELO = re.compile(r"[^!-~]|[()<>]")  # SPEC 3.3: printable ASCII without ()<>
+
+
 def _printable_helo(helo: str) -> str:
-    cleaned = "".join(c for c in helo if " " < c <= "~" and c not in "()<>")
-    return cleaned or "unknown"
+    return _NOT_IN_HELO.sub("", helo) or "unknown"
 
 
 def received_header(settings: Settings, env: Envelope) -> bytes:

@@ -399,6 +399,8 @@ def reply_text(raw) -> str:
     """
     if isinstance(raw, bytes):
         raw = raw.decode("utf-8", "replace")
+    if "\n" not in raw and raw.isprintable():  # the common case: one plain line
+        return raw[:_REPLY_TEXT_MAX]
     lines = str(raw).split("\n")
     first = lines[0].split(None, 1)
     code = first[0] if first and _ENHANCED_CODE.match(first[0]) else None
