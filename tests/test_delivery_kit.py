@@ -227,16 +227,20 @@ class MiniSMTP:
     """Answers SMTP from a thread per connection; records what it saw.
 
     `drop_rset` makes the first connection close silently when it reads RSET
-    (a pooled connection that died between messages, unnoticed by the client).
+    (a pooled connection that died between messages, unnoticed by the client);
+    `drop_in_data` closes in the middle of the body; `greeting` replaces 220.
     `pipelined` records, per MAIL, whether RCPT and DATA had already arrived
     before MAIL was answered [R2920].
     """
 
     PIPELINE_WAIT = 0.25
 
-    def __init__(self, pipelining=True, drop_rset=False):
+    def __init__(self, pipelining=True, drop_rset=False, drop_in_data=False,
+                 greeting=b"220 mini.test ESMTP"):
         self.pipelining = pipelining
         self.drop_rset = drop_rset
+        self.drop_in_data = drop_in_data
+        self.greeting = greeting
         self.connections = 0
         self.pipelined = []
         self.messages = []
@@ -297,7 +301,10 @@ class MiniSMTP:
             return head
 
         try:
-            conn.sendall(b"220 mini.test ESMTP\r\n")
+            conn.sendall(self.greeting + b"\r\n")
+            if not self.greeting.startswith(b"220"):
+                line()  # the client's QUIT
+                return
             while not self._stop.is_set():
                 cmd = line()
                 verb = cmd[:4].upper()
@@ -318,6 +325,9 @@ class MiniSMTP:
                     conn.sendall(b"250 2.1.5 OK\r\n")
                 elif verb == b"DATA":
                     conn.sendall(b"354 go\r\n")
+                    if self.drop_in_data:
+                        more(5)  # some of the body, then the line goes dead
+                        return
                     while b"\r\n.\r\n" not in buf:
                         more(5)
                     data, _, buf = buf.partition(b"\r\n.\r\n")

@@ -308,6 +308,37 @@ def test_5_3_non_ascii_addresses_to_a_remote_without_smtputf8_fail_permanently(t
     assert m.messages == []
 
 
+def test_4_1_remote_dropping_the_connection_mid_transaction_is_451(tmp_path, mini):
+    m = mini(drop_in_data=True)
+    reply, _ = deliver_once(tmp_path, remotes=m.url())
+    assert str(reply) == "451 4.4.1 Forwarding failed, try again later"
+    assert m.messages == []
+
+
+@pytest.mark.parametrize("greeting,line", [
+    (b"421 4.3.2 Service not available", "451 4.4.1 Forwarding failed, try again later"),
+    (b"554 5.7.1 You are not welcome", "554 5.7.1 127.0.0.1: You are not welcome"),
+], ids=["421", "554"])
+def test_4_1_remote_refusing_at_greeting(tmp_path, mini, greeting, line):
+    m = mini(greeting=greeting)
+    reply, _ = deliver_once(tmp_path, remotes=m.url())
+    assert str(reply) == line
+
+
+def test_5_3_failed_connection_is_not_reused(tmp_path, downstream):
+    d = downstream()
+    d.handler.data_reply = "554 5.6.0 Content rejected"
+    delivery = Delivery(settings_for(tmp_path, remotes=d.url()))
+    try:
+        assert delivery.deliver(envelope(), BODY).code == 554
+        assert delivery.dispatcher.idle_count(delivery.settings.remotes[0]) == 0
+        d.handler.data_reply = None
+        assert delivery.deliver(envelope(), BODY).code == 250
+    finally:
+        delivery.close()
+    assert len(d.handler.connections) == 2
+
+
 @pytest.mark.parametrize("pipelining", [False, True], ids=["serial", "pipelined"])
 def test_5_3_partial_recipient_refusal_fails_the_message(tmp_path, downstream, pipelining):
     d = downstream(pipelining=pipelining)
