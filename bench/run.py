@@ -49,9 +49,9 @@ class Config(NamedTuple):
 
 
 CONFIGS = [
-    Config("1 KB, 1 msg/conn, 20 clients", 1024, 1, 20, 6000, 0.16, 0.25),
-    Config("1 KB, 50 msgs/conn, 20 clients", 1024, 50, 20, 20000, 0.12, 0.20),
-    Config("100 KB, 10 msgs/conn, 5 clients", 100 * 1024, 10, 5, 2000, 0.35, 0.60),
+    Config("1 KB, 1 msg/conn, 20 clients", 1024, 1, 20, 8000, 0.16, 0.25),
+    Config("1 KB, 50 msgs/conn, 20 clients", 1024, 50, 20, 30000, 0.12, 0.20),
+    Config("100 KB, 10 msgs/conn, 5 clients", 100 * 1024, 10, 5, 3000, 0.35, 0.60),
 ]
 
 
