@@ -16,6 +16,7 @@ import base64
 import binascii
 import enum
 import logging
+import re
 import threading
 from datetime import datetime, timezone
 from typing import Callable, Dict, List, Optional, Tuple
@@ -517,6 +518,11 @@ def _text(data: bytes) -> str:
     return data.decode("utf-8", "surrogateescape")
 
 
+# <local@domain> with no quoting, route or odd character, followed by nothing
+# or by a space and parameters: what nearly every client sends.
+_SIMPLE_PATH = re.compile(r'<([^\x00-\x20\x7f<>"\\@:\ufffd]+@[^\x00-\x20\x7f<>"\\@\ufffd]+)>(?= |$)')
+
+
 def parse_path(text: str, null_ok: bool) -> Tuple[str, List[str]]:
     """Split `<address> params...` into the address and its parameters.
 
@@ -530,6 +536,14 @@ def parse_path(text: str, null_ok: bool) -> Tuple[str, List[str]]:
         ValueError: with the reason, when the path is malformed.
     """
     text = text.lstrip(" ")
+    simple = _SIMPLE_PATH.match(text)
+    if simple is not None:  # the common case, without the loop below
+        return simple.group(1), text[simple.end():].split()
+    return _parse_path_full(text, null_ok)
+
+
+def _parse_path_full(text: str, null_ok: bool) -> Tuple[str, List[str]]:
+    """parse_path for every form: a character loop for quotes and routes."""
     if not text.startswith("<"):
         raise ValueError("address must be in <angle brackets>")
     i = 1

@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings as hsettings, strategies as 
 
 from relay_lib import config
 from relay_lib.delivery import Delivery
-from relay_lib.session import Phase, Session, parse_path
+from relay_lib.session import _SIMPLE_PATH, Phase, Session, _parse_path_full, parse_path
 from relay_lib.wire import Wire
 
 
@@ -54,6 +54,14 @@ def test_3_2_parse_path_only_raises_value_error(text, null_ok):
         return
     assert "<" not in addr.replace('"<', "") or '"' in addr
     assert all(" " not in p for p in params)
+
+
+@given(st.from_regex(r"\A ?<[a-z.\x00-\x7f\u00e9]{0,12}@[a-z.\[\]:\x00-\x7f]{0,12}>( [A-Z=0-9 ]{0,10})?\Z"),
+       st.booleans())
+def test_3_2_parse_path_fast_path_agrees_with_the_full_parser(text, null_ok):
+    text = text.lstrip(" ")
+    if _SIMPLE_PATH.match(text):
+        assert parse_path(text, null_ok) == _parse_path_full(text, null_ok)
 
 
 # -- whole sessions over a socketpair ------------------------------------------
