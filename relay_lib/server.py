@@ -160,7 +160,9 @@ class RelayServer(socketserver.ThreadingTCPServer):
 
 class _Handler(socketserver.BaseRequestHandler):
     def handle(self) -> None:
-        self.server.relay._serve(self.request, self.client_address[0], self.server.listener)
+        # ::ffff:a.b.c.d from a dual-stack listener is logged and stamped as IPv4.
+        peer = str(policy.peer_address(self.client_address[0]))
+        self.server.relay._serve(self.request, peer, self.server.listener)
 
 
 class Relay:

@@ -172,7 +172,8 @@ class Wire:
         size = len(body)
         if size > max_size:  # the whole message came in before the check above
             return None, size
-        if body.count(b"\r\n") != body.count(b"\n") or body.count(b"\r") != body.count(b"\n"):
+        crlf = body.count(b"\r\n")
+        if crlf != body.count(b"\n") or crlf != body.count(b"\r"):  # a bare CR or LF somewhere
             body = _ANY_EOL.sub(b"\r\n", body)
         return body, size
 

@@ -60,6 +60,13 @@ def test_3_1_ipv4_mapped_peer_is_compared_as_ipv4(relay_factory):
     relay = relay_factory(listen="[::]:0", allowed_nets="127.0.0.0/8")
     with Talk(relay.port, host="127.0.0.1") as t:
         assert t.reply().startswith("220 ")
+        t.cmd("EHLO x")
+        t.cmd("MAIL FROM:<a@example.com>")
+        t.cmd("RCPT TO:<b@example.com>")
+        t.cmd("DATA")
+        assert t.cmd("x\r\n.").startswith("250 ")
+    (meta, message), = outbox_messages(relay.outbox)
+    assert meta["peer"] == "127.0.0.1"
     with Talk(relay.port, host="::1") as t:
         assert t.reply() == "554 5.7.1 Access denied"
 
