@@ -393,6 +393,8 @@ def mb(kb: Optional[int]) -> str:
 
 
 def print_table(results: List[Result], idle: Optional[IdleResult], runs: int) -> None:
+    if not results and not idle:
+        return
     print()
     print("Results (median of %d rounds; ratio = relay msgs/s / direct msgs/s in the same round)" % runs)
     header = ("| configuration | messages | direct msgs/s | relay msgs/s | ratio | target (min / aim) "
