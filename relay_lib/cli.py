@@ -94,7 +94,10 @@ def run(settings) -> int:
     """Serve until SIGTERM or SIGINT, then shut down gracefully (SPEC 6)."""
     from .server import Relay
 
-    setup_logging(settings.logfile, settings.log_format, settings.log_level)
+    try:
+        setup_logging(settings.logfile, settings.log_format, settings.log_level)
+    except OSError as exc:
+        raise ConfigError("logfile", "cannot open %s: %s" % (settings.logfile, exc.strerror or exc)) from None
     if not settings.remotes and not settings.command:
         log.warning("no remotes and no command configured: every message will be refused with 554")
     stop = threading.Event()
@@ -118,6 +121,10 @@ def run(settings) -> int:
 
 
 def main(argv: List[str]) -> int:
+    # A Windows console or redirected stdout may not encode every character.
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     try:
         config_path, flags, actions = parse_args(argv)
         if "help" in actions or "h" in actions:

@@ -11,8 +11,7 @@ import os
 import re
 import shlex
 import ssl
-import sys
-from dataclasses import dataclass, field, fields as dataclass_fields
+from dataclasses import dataclass, field, fields as dataclass_fields, replace
 from types import MappingProxyType
 from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Pattern, Tuple
 
@@ -174,10 +173,17 @@ def _optional(text: str) -> Optional[str]:
 
 
 def parse_command(text: str) -> Tuple[str, ...]:
+    """Split a command line without a shell; on Windows backslashes stay
+    literal and quotes only group words ("C:\\Program Files\\x.exe")."""
+    windows = os.name == "nt"
     try:
-        return tuple(shlex.split(text, posix=os.name != "nt"))
+        words = shlex.split(text, posix=not windows)
     except ValueError as exc:
         raise ValueError("%r: %s" % (text, exc)) from None
+    if windows:
+        # The non-POSIX split keeps the quotes; subprocess would quote them again.
+        words = [w[1:-1] if len(w) >= 2 and w[0] == w[-1] == '"' else w for w in words]
+    return tuple(words)
 
 
 def parse_webhook_url(text: str) -> Optional[str]:
@@ -352,7 +358,10 @@ def load(config_path: Optional[str] = None, flags: Optional[Mapping[str, str]] =
         except ValueError as exc:
             raise ConfigError(option.name, str(exc)) from None
         if option.path and value:
-            value = os.path.normpath(os.path.join(base_dir, value))
+            try:
+                value = resolve_path(value, base_dir)
+            except ValueError as exc:
+                raise ConfigError(option.name, str(exc)) from None
         values[option.name] = value
     values["remotes"] = _parse_remotes(raw["remotes"], base_dir)
     if not values["welcome_msg"]:
@@ -361,6 +370,20 @@ def load(config_path: Optional[str] = None, flags: Optional[Mapping[str, str]] =
                         raw=MappingProxyType(dict(raw)), **values)
     _validate(settings)
     return settings
+
+
+def resolve_path(path: str, base_dir: str) -> str:
+    """A path from the config, relative to the config file's folder (SPEC 2.2).
+
+    Raises:
+        ValueError: a Windows path like D:relay.log, relative to a drive's
+            current folder, which a service cannot predict.
+    """
+    drive, rest = os.path.splitdrive(path)
+    if drive and not os.path.isabs(path):
+        raise ValueError("%s is relative to the current folder of drive %s; write %s\\%s"
+                         % (path, drive, drive, rest))
+    return os.path.normpath(os.path.join(base_dir, path))
 
 
 def from_file(path: str, overrides: Optional[Mapping[str, str]] = None) -> Settings:
@@ -372,7 +395,10 @@ def _parse_remotes(text: str, base_dir: str) -> Tuple[Remote, ...]:
     remotes = []
     for url in text.split():
         try:
-            remotes.append(parse_remote(url, base_dir))
+            remote = parse_remote(url)
+            if remote.path:
+                remote = replace(remote, path=resolve_path(remote.path, base_dir))
+            remotes.append(remote)
         except ValueError as exc:
             raise ConfigError("remotes", str(exc)) from None
     return tuple(remotes)
@@ -398,6 +424,8 @@ def _validate(s: Settings) -> None:
         if plain:
             raise ConfigError("allowed_users", "AUTH needs TLS, but listener %s is plain "
                               "(use starttls:// or tls://)" % (plain[0],))
+    if s.logfile and not os.path.isdir(os.path.dirname(s.logfile)):
+        raise ConfigError("logfile", "folder %s does not exist" % os.path.dirname(s.logfile))
     for name in ("allowed_users", "aliases_file"):
         path = getattr(s, name)
         if path and not os.path.isfile(path):

@@ -111,11 +111,25 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(obj, ensure_ascii=False)
 
 
+class _RotatingFile(logging.handlers.RotatingFileHandler):
+    """Rotation that survives a log file held open by another program.
+
+    On Windows a file open elsewhere (an editor, a log shipper) cannot be
+    renamed; then keep appending to it rather than losing lines.
+    """
+
+    def doRollover(self) -> None:
+        try:
+            super().doRollover()
+        except OSError:
+            if self.stream is None:
+                self.stream = self._open()
+
+
 def setup_logging(path: Optional[str], fmt: str, level: str) -> None:
     """Send the relay's log to `path` (rotated) or stderr, in format `fmt`."""
     if path:
-        handler = logging.handlers.RotatingFileHandler(
-            path, maxBytes=ROTATE_BYTES, backupCount=ROTATE_KEEP, encoding="utf-8", delay=True)
+        handler = _RotatingFile(path, maxBytes=ROTATE_BYTES, backupCount=ROTATE_KEEP, encoding="utf-8")
     else:
         handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else KeyValueFormatter(fmt == "default"))

@@ -17,7 +17,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Pattern, Tuple
-from urllib.parse import unquote, urlsplit, parse_qsl
+from urllib.parse import unquote, urlsplit
 
 DEFAULT_PORTS = {"smtp": 25, "starttls": 587, "tls": 465, "smtps": 465}
 AUTH_METHODS = ("plain", "login")
@@ -61,19 +61,23 @@ class Remote:
         return self.masked()
 
 
-def parse_remote(url: str, base_dir: str = ".") -> Remote:
-    """Parse one remote URL of SPEC 5.1.
+def parse_remote(url: str) -> Remote:
+    """Parse one remote URL of SPEC 5.1; a file: path is returned as written.
 
     Raises:
         ValueError: with a reason that never contains the password.
     """
     if url.startswith("file:"):
-        path = url[len("file:"):]
+        # file:outbox, file:/var/outbox, file:///var/outbox, file:///C:/outbox;
+        # percent-encoding names what a space would split (file:C:/Mail%20Out).
+        path = unquote(url[len("file:"):])
         if path.startswith("//"):
             path = path[2:]
+        if re.match(r"/[A-Za-z]:[/\\]", path):
+            path = path[1:]
         if not path:
             raise ValueError("file: needs a folder path")
-        return Remote(scheme="file", path=os.path.normpath(os.path.join(base_dir, path)))
+        return Remote(scheme="file", path=path)
     scheme, sep, _ = url.partition("://")
     if not sep:
         raise ValueError("%r is not a URL (scheme://host[:port])" % _mask_raw(url))
@@ -87,7 +91,7 @@ def parse_remote(url: str, base_dir: str = ".") -> Remote:
     if not parts.hostname:
         raise ValueError("%s: missing host" % _mask_raw(url))
     scheme = scheme.lower()
-    params = _parse_params(parts.query, url)
+    params = _parse_params(parts.query)
     auth = params.pop("auth", "plain").lower()
     if auth not in AUTH_METHODS:
         raise ValueError("%s: unknown auth=%s (use plain or login)" % (_mask_raw(url), auth))
@@ -117,7 +121,7 @@ def parse_remote(url: str, base_dir: str = ".") -> Remote:
     )
 
 
-def _parse_params(query: str, url: str) -> dict:
+def _parse_params(query: str) -> dict:
     params = {}
     for item in query.split("&") if query else ():
         key, _, value = item.partition("=")

@@ -1,16 +1,13 @@
 """SPEC 2.1, 2.3 and 6: the command line and the real process, start to stop."""
 
 import os
-import signal
-import smtplib
 import socket
 import subprocess
-import sys
 
 import bcrypt
 import pytest
 
-from conftest import ROOT, free_port, relay_command, wait_until, write_ini
+from conftest import ROOT, relay_command, write_ini
 from relay_lib import __version__
 
 
@@ -124,50 +121,6 @@ def test_6_hash_password_from_stdin():
     assert hashed.startswith("$2b$")
     assert bcrypt.checkpw(b"s3cret pass", hashed.encode())
     assert "s3cret" not in result.stdout + result.stderr
-
-
-def _start(ini, tmp_path):
-    log = open(tmp_path / "stderr.log", "w+")
-    proc = subprocess.Popen(relay_command() + [str(ini)], stdout=subprocess.DEVNULL, stderr=log,
-                            cwd=str(tmp_path))
-    return proc, log
-
-
-def _connectable(port):
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-        return True
-    except OSError:
-        return False
-
-
-@pytest.mark.skipif(sys.platform == "win32", reason="SIGTERM is POSIX; Ctrl+Break is checked by reading")
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-def test_6_process_serves_and_stops_on_signal(tmp_path, signum):
-    port = free_port()
-    ini = tmp_path / "conf" / "relay.ini"
-    ini.parent.mkdir()
-    write_ini(ini, {"listen": "127.0.0.1:%d" % port, "remotes": "file:outbox", "hostname": "proc.test"})
-    proc, log = _start(ini, tmp_path)
-    try:
-        assert wait_until(lambda: _connectable(port) or proc.poll() is not None, timeout=20)
-        with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
-            assert client.ehlo("me.test")[0] == 250
-            client.sendmail("a@example.com", ["b@example.com"], b"Subject: hi\r\n\r\nbody\r\n")
-        proc.send_signal(signum)
-        assert proc.wait(timeout=20) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    log.seek(0)
-    text = log.read()
-    log.close()
-    assert "listening on 127.0.0.1:%d (plain)" % port in text
-    assert "Traceback" not in text
-    # file: outbox is relative to the ini's folder, not the working directory
-    outbox = ini.parent / "outbox"
-    assert len([n for n in os.listdir(outbox) if n.endswith(".eml")]) == 1
 
 
 def test_6_bind_failure_is_one_line(tmp_path):

@@ -71,11 +71,17 @@ def test_2_2_relative_paths_resolve_against_config_folder(tmp_path, monkeypatch)
     conf = tmp_path / "etc"
     conf.mkdir()
     (conf / "aliases.txt").write_text("a b\n")
+    (conf / "logs").mkdir()
     monkeypatch.chdir(tmp_path)
     s = load_text(conf, "logfile = logs/relay.log\naliases_file = aliases.txt\nremotes = file:outbox\n")
     assert s.logfile == os.path.join(str(conf), "logs", "relay.log")
     assert s.aliases_file == os.path.join(str(conf), "aliases.txt")
     assert s.remotes[0].path == os.path.join(str(conf), "outbox")
+
+
+def test_2_3_logfile_folder_must_exist(tmp_path):
+    err = error_of(tmp_path, logfile="missing/relay.log")
+    assert err.option == "logfile" and "missing" in err.reason
 
 
 def test_2_2_absolute_paths_stay(tmp_path):

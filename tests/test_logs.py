@@ -1,7 +1,6 @@
 """SPEC 2.3 and 6: log formats, levels, rotation, and masking."""
 
 import json
-import logging
 import re
 
 import pytest
@@ -65,6 +64,22 @@ def test_2_3_logfile_rotates(logfile, monkeypatch):
         log.info("line", extra=fields(n=n, pad="x" * 40))
     rotated = sorted(p.name for p in logfile.parent.iterdir())
     assert rotated == ["relay.log", "relay.log.1", "relay.log.2", "relay.log.3"]
+
+
+def test_2_3_rotation_blocked_keeps_logging(logfile, monkeypatch):
+    """A rotated name held open elsewhere (Windows) must not lose lines."""
+    monkeypatch.setattr(logs, "ROTATE_BYTES", 500)
+    setup_logging(str(logfile), "plain", "info")
+
+    def locked(source, dest):
+        raise PermissionError(13, "file is in use")
+
+    log.handlers[0].rotator = locked
+    for n in range(50):
+        log.info("line", extra=fields(n=n))
+    assert [p.name for p in logfile.parent.iterdir()] == ["relay.log"]
+    assert lines(logfile)[-1] == "info line n=49"
+    assert len(lines(logfile)) == 50
 
 
 def test_6_session_logger_binds_fields(logfile):

@@ -7,9 +7,6 @@ working directory is C:\\Windows\\system32 (where a service starts) and whose
 file system holds only the files a test names. The ini text itself is real
 (BOM and CRLF, as Notepad writes it) and goes through the real parser.
 
-Tests marked xfail(strict=True) show what the current code gets wrong on
-Windows; each reason says what to change. When the code is fixed they pass,
-strict makes them fail, and the marker must go.
 """
 
 import ntpath
@@ -38,6 +35,7 @@ class WindowsOs:
         self.path.abspath = lambda p: ntpath.normpath(ntpath.join(self._cwd, p))
         known = {ntpath.normcase(f) for f in files}
         self.path.isfile = lambda p: ntpath.normcase(p) in known
+        self.path.isdir = lambda p: True  # every folder exists; only files are listed
 
     def getcwd(self):
         return self._cwd
@@ -120,23 +118,23 @@ def test_5_1_windows_file_remote_resolves_against_ini_folder(windows, url, expec
     assert [r.path for r in settings.remotes] == [expected]
 
 
+def test_2_2_windows_drive_relative_path_is_an_error(windows):
+    with pytest.raises(config.ConfigError) as info:
+        windows("logfile = D:relay.log\n")
+    assert info.value.option == "logfile" and "D:\\relay.log" in info.value.reason
+
+
 def test_5_1_windows_file_remote_beside_smtp_remote(windows):
     settings = windows("remotes = file:C:\\mail\\copy smtp://smtp.example.com:25\n")
     assert settings.remotes[0].path == "C:\\mail\\copy"
     assert (settings.remotes[1].host, settings.remotes[1].port) == ("smtp.example.com", 25)
 
 
-@pytest.mark.xfail(strict=True, reason="parse_remote strips '//' from file:///C:/x and joins '/C:/x' "
-                   "to C:\\C:\\x; fix: after stripping '//', drop a '/' that precedes a drive letter "
-                   "(re.match(r'/[A-Za-z]:', path))")
 def test_5_1_windows_file_url_with_three_slashes(windows):
     settings = windows("remotes = file:///D:/mail/outbox\n")
     assert settings.remotes[0].path == "D:\\mail\\outbox"
 
 
-@pytest.mark.xfail(strict=True, reason="remotes are split on whitespace and file: paths are not "
-                   "percent-decoded, so a folder with a space cannot be named; fix: unquote() the "
-                   "file: path in parse_remote (file:C:/Program%20Files/outbox)")
 def test_5_1_windows_file_remote_with_space_percent_encoded(windows):
     settings = windows("remotes = file:C:/Program%20Files/smtprelay/outbox\n")
     assert settings.remotes[0].path == "C:\\Program Files\\smtprelay\\outbox"
@@ -147,10 +145,6 @@ def test_4_3_windows_command_without_quotes(windows):
     assert settings.command == ("C:\\tools\\scan.exe", "--mode", "relay")
 
 
-@pytest.mark.xfail(strict=True, reason="parse_command uses shlex.split(posix=False) on Windows, which "
-                   "keeps the quotes in each token; subprocess then quotes them again and "
-                   "CreateProcess cannot find the program; fix: strip one pair of surrounding double "
-                   "quotes from each token after the non-POSIX split")
 def test_4_3_windows_command_quoted_path_with_spaces(windows):
     settings = windows('command = "C:\\Program Files\\Scanner\\scan.exe" --out "D:\\spool dir" -v\n')
     assert settings.command == ("C:\\Program Files\\Scanner\\scan.exe", "--out", "D:\\spool dir", "-v")
