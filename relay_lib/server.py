@@ -12,6 +12,7 @@ import socket
 import socketserver
 import ssl
 import threading
+import warnings
 from typing import List, Optional, Set, Tuple
 
 from relay_lib import policy, replies
@@ -52,7 +53,10 @@ def make_server_context(settings) -> Optional[ssl.SSLContext]:
     minimum, ciphers = TLS_PROFILES[settings.tls_profile]
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     try:
-        context.minimum_version = minimum
+        with warnings.catch_warnings():
+            # TLS 1.0 is deprecated; `legacy` is the operator's explicit choice.
+            warnings.simplefilter("ignore", DeprecationWarning)
+            context.minimum_version = minimum
         if ciphers:
             context.set_ciphers(ciphers)
     except (ValueError, ssl.SSLError) as exc:

@@ -5,6 +5,7 @@ well-formed reply, nothing raises, nothing hangs)."""
 import logging
 import re
 import socket
+import ssl
 import threading
 
 import pytest
@@ -12,8 +13,11 @@ from hypothesis import HealthCheck, given, settings as hsettings, strategies as 
 
 from relay_lib import config
 from relay_lib.delivery import Delivery
+from relay_lib.policy import Users
+from relay_lib.server import make_server_context
 from relay_lib.session import _SIMPLE_PATH, Phase, Session, _parse_path_full, parse_path
 from relay_lib.wire import Wire
+from smtp_talk import write_users
 
 
 # -- parse_path -----------------------------------------------------------------
@@ -76,18 +80,33 @@ def relay_settings(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def auth_settings(tmp_path_factory, certs):
+    """A STARTTLS listener with AUTH required and local_forcetls."""
+    folder = tmp_path_factory.mktemp("fuzz-auth")
+    users = write_users(folder / "users", {"alice": ("pw", "a@example.com")})
+    ini = folder / "relay.ini"
+    ini.write_text("hostname = relay.test\nremotes = file:outbox\nread_timeout = 2s\n"
+                   "data_timeout = 2s\nlisten = starttls://127.0.0.1:0\nlocal_forcetls = true\n"
+                   "local_cert = %s\nlocal_key = %s\nallowed_users = %s\n"
+                   % (certs.cert_path, certs.key_path, users))
+    settings = config.from_file(str(ini))
+    return settings, Users(users), make_server_context(settings)
+
+
+@pytest.fixture(scope="module")
 def delivery(relay_settings):
     d = Delivery(relay_settings)
     yield d
     d.close()
 
 
-def converse(settings, delivery, data: bytes):
+def converse(settings, delivery, data: bytes, users=None, starttls_context=None):
     """Run one session over a socketpair, send `data`, close; return
     (everything the session sent, the session thread's crash or None)."""
     server, client = socket.socketpair()
     wire = Wire(server, settings.read_timeout, settings.write_timeout, settings.data_timeout)
-    session = Session(settings, wire, "127.0.0.1", delivery)
+    session = Session(settings, wire, "127.0.0.1", delivery, users=users,
+                      starttls_context=starttls_context)
     crashed = []
 
     def run():
@@ -149,7 +168,8 @@ VERBS = ["EHLO", "HELO", "MAIL", "RCPT", "DATA", "RSET", "NOOP", "VRFY", "HELP",
          "AUTH", "ehlo", "mail", "rcpt", "data", "BOGUS", "QUIT", "GET"]
 ARGS = ["", "x", "client.test", "FROM:<a@example.com>", "TO:<b@example.com>", "FROM:<>",
         "TO:<>", "FROM:<a@example.com> SIZE=99999", "PLAIN", "LOGIN", "PLAIN AGFAYg==",
-        "FROM:<\u00e9@x> SMTPUTF8", "TO:<@a:b@c>"]
+        "FROM:<\u00e9@x> SMTPUTF8", "TO:<@a:b@c>", "LOGIN YWxpY2U=", "PLAIN AGFsaWNlAHB3", "*",
+        "=", "YWxpY2U=", "cHc="]
 
 command = st.one_of(
     st.tuples(st.sampled_from(VERBS), st.sampled_from(ARGS)).map(
@@ -173,6 +193,87 @@ def test_3_2_fuzzed_sessions_always_get_well_formed_replies(relay_settings, deli
     check_replies(received)
     assert b"421 4.3.0" not in received  # the last-resort handler never ran
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+@hsettings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                                                  HealthCheck.too_slow])
+@given(data=conversation)
+def test_3_2_fuzzed_auth_sessions_always_get_well_formed_replies(auth_settings, delivery, caplog, data):
+    settings, users, context = auth_settings
+    caplog.set_level(logging.ERROR, logger="smtprelay")
+    caplog.clear()
+    received, crashed = converse(settings, delivery, data, users=users, starttls_context=context)
+    assert crashed is None
+    check_replies(received)
+    assert b"421 4.3.0" not in received
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+def converse_tls(settings, delivery, users, server_context, client_context, data: bytes):
+    """Like converse(), on implicit TLS, so AUTH runs its whole exchange.
+
+    One TLS object must not be read and written from two threads, so the
+    client sends everything, then a tail that ends any state (a line end, a
+    lone dot for DATA, QUIT), then reads until the session closes.
+    """
+    server, client = socket.socketpair()
+    wire = Wire(server, settings.read_timeout, settings.write_timeout, settings.data_timeout)
+    crashed = []
+
+    def run():
+        try:
+            wire.start_tls(server_context)
+            Session(settings, wire, "127.0.0.1", delivery, users=users, implicit_tls=True).run()
+        except BaseException as exc:  # the test wants to see any escape
+            crashed.append(exc)
+        finally:
+            wire.close()
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    client.settimeout(10)
+    tls = client_context.wrap_socket(client, server_hostname="localhost")
+    received = bytearray()
+    try:
+        tls.sendall(data + b"\r\n.\r\nQUIT\r\n")
+        while True:
+            chunk = tls.recv(65536)
+            if not chunk:
+                break
+            received += chunk
+    except (ssl.SSLError, ConnectionError):
+        pass  # the session closed first (HTTP verb, error limit): allowed
+    thread.join(10)
+    tls.close()
+    assert not thread.is_alive(), "session hangs"
+    return bytes(received), crashed[0] if crashed else None
+
+
+@hsettings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                                                  HealthCheck.too_slow])
+@given(data=conversation)
+def test_3_2_fuzzed_tls_auth_sessions_always_get_well_formed_replies(auth_settings, delivery, certs,
+                                                                    caplog, data):
+    settings, users, context = auth_settings
+    caplog.set_level(logging.ERROR, logger="smtprelay")
+    caplog.clear()
+    received, crashed = converse_tls(settings, delivery, users, context, certs.client_context(), data)
+    assert crashed is None
+    check_replies(received)
+    assert b"421 4.3.0" not in received
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+def test_3_2_fuzz_tls_harness_reaches_auth(auth_settings, delivery, certs):
+    settings, users, context = auth_settings
+    received, crashed = converse_tls(settings, delivery, users, context, certs.client_context(),
+                                     b"EHLO x\r\nAUTH LOGIN\r\nYWxpY2U=\r\ncHc=\r\n"
+                                     b"MAIL FROM:<a@example.com>\r\n")
+    assert crashed is None
+    lines = check_replies(received)
+    assert b"235 2.7.0 Authentication successful" in lines
+    assert b"250 2.1.0 OK" in lines
+    assert lines[-1] == b"221 2.0.0 Bye"
 
 
 def test_3_2_fuzz_harness_sees_a_whole_transaction(relay_settings, delivery):

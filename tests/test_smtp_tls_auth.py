@@ -168,6 +168,36 @@ def test_2_3_tls_profile(tls_relay, certs, profile, version, ok):
             Talk(relay.port, tls=context)
 
 
+def _tls10_client(certs):
+    context = certs.client_context()
+    try:
+        context.set_ciphers("DEFAULT:@SECLEVEL=0")
+        context.minimum_version = ssl.TLSVersion.TLSv1
+        context.maximum_version = ssl.TLSVersion.TLSv1
+    except (ValueError, ssl.SSLError):
+        pytest.skip("this OpenSSL cannot speak TLS 1.0")
+    return context
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_2_3_tls_profile_legacy_admits_tls_1_0(tls_relay, certs):
+    relay = tls_relay(listen="tls://127.0.0.1:0", tls_profile="legacy")
+    try:
+        t = Talk(relay.port, tls=_tls10_client(certs))
+    except ssl.SSLError as exc:
+        pytest.skip("TLS 1.0 is disabled in this OpenSSL build: %s" % exc)
+    with t:
+        assert t.reply().startswith("220 ")
+        assert t.sock.version() == "TLSv1"
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_2_3_tls_profile_default_refuses_tls_1_0(tls_relay, certs):
+    relay = tls_relay(listen="tls://127.0.0.1:0")
+    with pytest.raises((ssl.SSLError, ConnectionResetError)):
+        Talk(relay.port, tls=_tls10_client(certs))
+
+
 # -- local_forcetls -----------------------------------------------------------
 
 def test_3_2_forcetls_refuses_mail_and_auth_before_starttls(tls_relay, certs, users):
