@@ -24,7 +24,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 from relay_lib import policy, replies
 from relay_lib.delivery import Delivery, Envelope, new_message_id
 from relay_lib.logs import fields, session_logger
-from relay_lib.replies import Reply, clean_echo
+from relay_lib.replies import Reply, SmtpError, clean_echo
 from relay_lib.wire import Closed, LineTooLong, Timeout, Wire, WireError
 
 MAX_ERRORS = 20  # SPEC 3.2: failed commands before 421
@@ -244,7 +244,10 @@ class Session:
             if refusal is not None:
                 self._fail(refusal, verb=verb)
                 return
-        method(arg)
+        try:
+            method(arg)
+        except SmtpError as exc:  # policy or delivery refusing with a specific reply
+            self._fail(exc.reply, verb=verb)
 
     def _log_command(self, verb: str, arg: str) -> None:
         if not self.log.isEnabledFor(logging.DEBUG):

@@ -297,3 +297,31 @@ def test_6_refusals_are_logged_as_warnings_with_reasons(relay_factory, caplog):
     assert any("allowed_nets" in m and f["peer"] == "127.0.0.1" for m, f in warnings)
     events = [r.getMessage() for r in caplog.records if r.levelno == logging.DEBUG]
     assert "connected" in events and "disconnected" in events and "command" in events
+
+
+class _RefusingDelivery:
+    """Delivery that refuses through SmtpError, the typed path of STYLE 6."""
+
+    def deliver(self, envelope, body):
+        from relay_lib.replies import Reply, SmtpError
+        raise SmtpError(Reply(554, "5.7.1", "Refused by policy"))
+
+    def close(self):
+        pass
+
+
+def test_3_2_smtp_error_becomes_its_reply(relay_factory):
+    relay = relay_factory()
+    refusing = Relay(relay.settings, delivery=_RefusingDelivery())
+    refusing.start()
+    try:
+        with Talk(refusing.addresses[0][2]) as t:
+            t.reply()
+            t.cmd("EHLO x")
+            t.cmd("MAIL FROM:<a@example.com>")
+            t.cmd("RCPT TO:<b@example.com>")
+            t.cmd("DATA")
+            assert t.cmd("x\r\n.") == "554 5.7.1 Refused by policy"
+            assert t.cmd("NOOP") == "250 2.0.0 OK"
+    finally:
+        refusing.stop(timeout=5)
