@@ -9,7 +9,7 @@ import time
 import pytest
 
 from relay_lib.delivery import Delivery, received_header
-from test_delivery_kit import BODY, Downstream, deliver_once, envelope, settings_for
+from test_delivery_kit import BODY, Downstream, deliver_once, envelope, relay_log, settings_for  # noqa: F401
 
 
 @pytest.fixture
@@ -148,8 +148,8 @@ def test_4_3_missing_command_program_is_451(tmp_path):
 
 # -- 6: the one info line per message -----------------------------------------
 
-def test_6_one_info_line_per_message_without_body_or_password(tmp_path, caplog):
-    caplog.set_level(1)
+def test_6_one_info_line_per_message_without_body_or_password(tmp_path, relay_log):
+    caplog = relay_log
     sink = Downstream(auth={"app1": "pw-Secret-123"})
     try:
         env = envelope(user="app1", rcpts=["b@example.org", "c@example.org"])
@@ -171,8 +171,8 @@ def test_6_one_info_line_per_message_without_body_or_password(tmp_path, caplog):
     assert "Hello." not in text and "leading dot line" not in text
 
 
-def test_6_failed_message_still_logs_one_info_line_with_the_result(tmp_path, caplog):
-    caplog.set_level(logging.INFO)
+def test_6_failed_message_still_logs_one_info_line_with_the_result(tmp_path, relay_log):
+    caplog = relay_log
     sink = Downstream()
     sink.handler.data_reply = "554 5.6.0 Content rejected"
     try:

@@ -11,6 +11,7 @@ at a time. Everything binds to loopback.
 import asyncio
 import datetime
 import ipaddress
+import logging
 import os
 import socket
 import ssl
@@ -18,6 +19,7 @@ import threading
 import time
 from types import SimpleNamespace
 
+import pytest
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword
 from cryptography import x509
@@ -25,7 +27,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from relay_lib import config
+from relay_lib import config, logs
 from relay_lib.delivery import Delivery, Envelope, new_message_id
 
 BODY = (b"From: app@example.com\r\nTo: b@example.org\r\nSubject: test\r\n\r\n"
@@ -78,6 +80,19 @@ def deliver_once(tmp_path, body=BODY, env=None, **options):
 
 def reply_line(reply):
     return str(reply)
+
+
+@pytest.fixture
+def relay_log(caplog, monkeypatch):
+    """caplog that sees every record of the relay's logger at every level.
+
+    setup_logging() (run by other tests) turns propagation off; turn it back
+    on for this test so the records reach caplog's handler.
+    """
+    monkeypatch.setattr(logs.log, "propagate", True)
+    monkeypatch.setattr(logs.log, "level", logging.NOTSET)
+    caplog.set_level(1)
+    return caplog
 
 
 # -- certificates that the `certs` fixture does not provide -----------------

@@ -11,8 +11,9 @@ import time
 import pytest
 
 from relay_lib.delivery import Delivery, received_header
-from test_delivery_kit import (BODY, Downstream, MiniSMTP, deliver_once, envelope, free_port,
-                               ipv6_loopback_works, make_ca_and_leaf, server_context, settings_for)
+from test_delivery_kit import (BODY, Downstream, MiniSMTP, deliver_once, envelope, free_port,  # noqa: F401
+                               ipv6_loopback_works, make_ca_and_leaf, relay_log, server_context,
+                               settings_for)
 
 PASSWORD = "s3cr:t@p w"
 PASSWORD_URL = "s3cr%3At%40p%20w"
@@ -506,8 +507,8 @@ def test_5_3_concurrent_messages_share_a_bounded_pool(tmp_path, downstream):
 
 # -- no secrets in the log ----------------------------------------------------
 
-def test_5_1_password_never_logged_at_any_level(tmp_path, downstream, caplog):
-    caplog.set_level(1)
+def test_5_1_password_never_logged_at_any_level(tmp_path, downstream, relay_log):
+    caplog = relay_log
     good = downstream(auth={"app1": PASSWORD})
     bad = downstream(auth={"app1": "other"})
     for url in (good.url(userinfo="app1:" + PASSWORD_URL),
