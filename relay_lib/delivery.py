@@ -10,6 +10,7 @@ import os
 import re
 import secrets
 import smtplib
+import ssl
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -80,6 +81,8 @@ class Delivery:
             settings.hostname, settings.remote_timeout,
             client_cert=settings.remote_certificate, client_key=settings.remote_key,
             pool_size=settings.remote_pool_size, pool_idle=settings.remote_pool_idle)
+        # Built once: loading the system trust store per webhook call is slow.
+        self.webhook_context = ssl.create_default_context() if settings.webhook_url else None
 
     def deliver(self, env: Envelope, body: bytes) -> Reply:
         """Deliver one message; returns the client's reply, never raises.
@@ -170,7 +173,8 @@ class Delivery:
                    "size": len(message), "received_at": _utc(env.received_at),
                    "message": base64.b64encode(message).decode("ascii")}
         limit = s.max_message_size * 4 // 3 + WEBHOOK_ANSWER_SLACK
-        return webhook.scan(s.webhook_url, payload, s.webhook_secret, s.webhook_timeout, limit)
+        return webhook.scan(s.webhook_url, payload, s.webhook_secret, s.webhook_timeout, limit,
+                            self.webhook_context)
 
     def _run_command(self, env: Envelope, message: bytes) -> Reply:
         """The command step of SPEC 4.3: message on stdin, no shell, data_timeout."""
