@@ -101,7 +101,7 @@ class Delivery:
             reply = replies.FORWARD_TEMPFAIL
         log.info("message", extra=fields(
             id=env.id, peer=env.peer, user=env.user or "", **{"from": env.mail_from},
-            to=",".join(env.rcpts), size=env.size, remotes="; ".join(results),
+            to=",".join(env.rcpts), size=env.size, remote="; ".join(results),
             result=str(reply), ms=int((time.monotonic() - started) * 1000)))
         return reply
 
