@@ -166,6 +166,8 @@ def route(remotes: Tuple[Remote, ...], sender: str, rcpts, strict_sender: bool):
 # the replies are read in order; otherwise one command at a time. Both paths
 # judge the replies with the same code and stop at the first failure, and
 # every failure closes the connection instead of returning it to the pool.
+# A reused connection that turns out dead, or answers 421, before the body
+# was sent is retried once on a fresh connection: nothing was delivered yet.
 # Failures are raised as smtplib exceptions; delivery maps them to replies.
 # ---------------------------------------------------------------------------
 
@@ -442,6 +444,10 @@ def _transaction(conn: _Conn, sender: str, rcpts: List[str], message: bytes, reu
         if not conn.pipelining:
             _write(smtp, cmd, stale_ok=verb == "RSET")
         code, text = _read(smtp, stale_ok=verb == "RSET")
+        if reused and code == 421:
+            # The remote is closing this old connection (idle limit, messages
+            # per connection); no body was sent, so a fresh one may try again.
+            raise _Stale("%s answered 421" % verb)
         if verb == "RSET":
             if code != 250:
                 raise _Stale("RSET answered %d" % code)

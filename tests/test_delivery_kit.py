@@ -251,7 +251,8 @@ class MiniSMTP:
 
     `drop_rset` makes the first connection close silently when it reads RSET
     (a pooled connection that died between messages, unnoticed by the client);
-    `drop_in_data` closes in the middle of the body; `greeting` replaces 220.
+    `drop_in_data` closes in the middle of the body; `greeting` replaces 220;
+    `messages_per_connection` answers the next MAIL with 421 and closes.
     `pipelined` records, per MAIL, whether RCPT and DATA had already arrived
     before MAIL was answered [R2920].
     """
@@ -259,9 +260,10 @@ class MiniSMTP:
     PIPELINE_WAIT = 0.25
 
     def __init__(self, pipelining=True, drop_rset=False, drop_in_data=False,
-                 greeting=b"220 mini.test ESMTP"):
+                 greeting=b"220 mini.test ESMTP", messages_per_connection=0):
         self.pipelining = pipelining
         self.drop_rset = drop_rset
+        self.messages_per_connection = messages_per_connection
         self.drop_in_data = drop_in_data
         self.greeting = greeting
         self.connections = 0
@@ -338,6 +340,10 @@ class MiniSMTP:
                     if self.drop_rset and number == 1:
                         return
                     conn.sendall(b"250 2.0.0 OK\r\n")
+                elif verb == b"MAIL" and self.messages_per_connection and sum(
+                        1 for n, _ in self.messages if n == number) >= self.messages_per_connection:
+                    conn.sendall(b"421 4.7.0 Too many messages on this connection\r\n")
+                    return
                 elif verb == b"MAIL":
                     deadline = time.monotonic() + self.PIPELINE_WAIT
                     while b"DATA\r\n" not in buf and time.monotonic() < deadline:

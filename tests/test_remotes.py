@@ -438,6 +438,19 @@ def test_5_3_pool_retries_when_the_pooled_connection_dies_on_reuse(tmp_path, min
     assert m.connections == 2
 
 
+@pytest.mark.parametrize("pipelining", [True, False], ids=["pipelined", "serial"])
+def test_5_3_pool_retries_when_the_remote_closes_an_old_connection_with_421(tmp_path, mini,
+                                                                             pipelining):
+    m = mini(pipelining=pipelining, messages_per_connection=2)
+    delivery = Delivery(settings_for(tmp_path, remotes=m.url()))
+    try:
+        for _ in range(5):
+            assert delivery.deliver(envelope(), BODY).code == 250
+    finally:
+        delivery.close()
+    assert [number for number, _ in m.messages] == [1, 1, 2, 2, 3]
+
+
 @pytest.mark.parametrize("pipelining", [True, False], ids=["advertised", "not-advertised"])
 def test_5_3_transaction_is_pipelined_only_when_advertised(tmp_path, mini, pipelining):
     m = mini(pipelining=pipelining)
