@@ -5,6 +5,7 @@ import logging
 import os
 import sys
 import time
+from datetime import datetime, timezone
 
 import pytest
 
@@ -33,6 +34,28 @@ def command_line(tmp_path, code, sleep=0.0):
         "time.sleep(%r)\n"
         "sys.exit(%d)\n" % (str(tmp_path), code, sleep, code))
     return "%s %s" % (sys.executable, script)  # no quotes: the ini strips one pair
+
+
+# -- 3.3 the Received header ------------------------------------------------------
+
+def test_3_3_received_header_plain_esmtp(tmp_path):
+    settings = settings_for(tmp_path)
+    env = envelope(rcpts=["b@example.org", "c@example.org"],
+                   received_at=datetime(2026, 11, 24, 15, 4, 5, tzinfo=timezone.utc))
+    assert received_header(settings, env) == (
+        b"Received: from printer.lan ([127.0.0.1])\r\n"
+        b"\tby relay.test (smtprelay) with ESMTP id " + env.id.encode() + b"\r\n"
+        b"\tfor <b@example.org>; Tue, 24 Nov 2026 15:04:05 +0000\r\n")
+
+
+def test_3_3_received_header_tls_auth_and_cleaned_helo(tmp_path):
+    settings = settings_for(tmp_path)
+    env = envelope(helo="evil (x)<y>\x01\u00e9.lan", user="app1", peer="::1",
+                   tls=("TLSv1.3", "TLS_AES_256_GCM_SHA384"))
+    header = received_header(settings, env).decode()
+    assert header.startswith("Received: from evilxy.lan ([::1])\r\n")
+    assert "with ESMTPSA (TLSv1.3 TLS_AES_256_GCM_SHA384) id %s\r\n" % env.id in header
+    assert header.count("\r\n") == 3 and "\n" not in header.replace("\r\n", "")
 
 
 # -- 4: steps and the no-remote case ------------------------------------------

@@ -74,6 +74,16 @@ def test_5_2_e2e_recipient_no_remote_admits_is_refused_at_rcpt(relay_factory, do
     assert (code, text) == (550, b"5.7.1 No remote routes this recipient")
 
 
+def test_5_2_e2e_strict_sender_refuses_at_rcpt_when_no_remote_has_this_sender(relay_factory,
+                                                                              downstreams):
+    d = downstreams()
+    relay = relay_factory(remotes=d.url(path="app@example.com"), strict_sender="true")
+    assert send(relay, ["b@one.test"], sender="other@example.com") == (
+        550, b"5.7.1 No remote routes this recipient")
+    assert send(relay, ["b@one.test"], sender="app@example.com")[0] == 250
+    assert [m.mail_from for m in d.box] == ["app@example.com"]
+
+
 def test_4_1_e2e_remote_5xx_reaches_the_client_with_the_remote_host(relay_factory, downstreams):
     d = downstreams()
     d.handler.data_reply = "554 5.6.0 Content rejected"
