@@ -380,7 +380,7 @@ def resolve_path(path: str, base_dir: str) -> str:
             current folder, which a service cannot predict.
     """
     drive, rest = os.path.splitdrive(path)
-    if drive and not os.path.isabs(path):
+    if drive.endswith(":") and not rest.startswith(("\\", "/")):
         raise ValueError("%s is relative to the current folder of drive %s; write %s\\%s"
                          % (path, drive, drive, rest))
     return os.path.normpath(os.path.join(base_dir, path))

@@ -11,11 +11,15 @@ from relay_lib.logs import fields, log, mask_url, session_logger, setup_logging
 
 @pytest.fixture
 def logfile(tmp_path):
+    """A log file for setup_logging; the logger is put back as it was after."""
     path = tmp_path / "relay.log"
+    level, propagate = log.level, log.propagate
     yield path
     for handler in list(log.handlers):
         log.removeHandler(handler)
         handler.close()
+    log.setLevel(level)
+    log.propagate = propagate
 
 
 def lines(path):
