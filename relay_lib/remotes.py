@@ -5,6 +5,7 @@ to an upstream server or writes the `file:` outbox. Must not know about the
 client session: it takes an envelope and bytes and raises on failure.
 """
 
+import ipaddress
 import json
 import os
 import re
@@ -327,6 +328,9 @@ class Dispatcher:
                 elif remote.scheme == "starttls":
                     raise SetupFailed("STARTTLS required but not offered")
             if remote.username is not None:
+                if not isinstance(smtp.sock, ssl.SSLSocket) and not _is_loopback(remote.host):
+                    # As Go's net/smtp: never send a password in the clear over a network.
+                    raise SetupFailed("refusing to AUTH without TLS (remote offered no STARTTLS)")
                 smtp.user, smtp.password = remote.username, remote.password or ""
                 try:
                     if remote.auth == "login":
@@ -384,6 +388,15 @@ class Dispatcher:
                     stack[:] = keep
             for conn in expired:
                 conn.close(polite=True)
+
+
+def _is_loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _client_context(skip_verify: bool, cert: Optional[str], key: Optional[str]) -> ssl.SSLContext:

@@ -159,6 +159,27 @@ def test_5_1_auth_login_when_asked(tmp_path, downstream, trust_test_ca, mode, sc
     assert d.box[0].login == b"app1"
 
 
+def _non_loopback_address():
+    """This machine's own non-loopback IPv4 address, or None (no packet is sent)."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(("192.0.2.1", 9))  # TEST-NET-1: only picks the outgoing interface
+            address = probe.getsockname()[0]
+        except OSError:
+            return None
+    return None if address.startswith("127.") else address
+
+
+@pytest.mark.skipif(_non_loopback_address() is None, reason="no non-loopback interface")
+def test_5_1_no_password_in_the_clear_over_a_network(tmp_path, downstream):
+    d = downstream(auth={"app1": PASSWORD}, host=_non_loopback_address())
+    reply, _ = deliver_once(tmp_path, remotes=d.url(userinfo="app1:" + PASSWORD_URL))
+    assert str(reply) == "451 4.4.1 Forwarding failed, try again later"
+    assert d.handler.mechanisms == [] and d.box == []
+
+
 @pytest.mark.parametrize("query", ["", "auth=login"], ids=["plain", "login"])
 def test_4_1_remote_auth_failure_is_451_not_535(tmp_path, downstream, query):
     d = downstream(auth={"app1": PASSWORD})
