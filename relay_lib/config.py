@@ -230,7 +230,7 @@ OPTIONS: Tuple[Option, ...] = (
     Option("remote_certificate", "", _optional, "client certificate for TLS to remotes", path=True),
     Option("remote_key", "", _optional, "private key for remote_certificate", path=True),
     Option("remote_timeout", "60s", _timeout(0.001), "connect and per-command timeout towards remotes"),
-    Option("remote_pool_size", "4", _integer(0), "idle connections kept per remote; 0 disables reuse"),
+    Option("remote_pool_size", "20", _integer(0), "idle connections kept per remote; 0 disables reuse"),
     Option("remote_pool_idle", "30s", _timeout(0.001), "close a pooled remote connection idle this long"),
     Option("command", "", parse_command, "program that receives each message on stdin"),
     Option("webhook_url", "", parse_webhook_url, "scanning webhook URL"),

@@ -236,7 +236,7 @@ class Dispatcher:
     """
 
     def __init__(self, hostname: str, timeout: float, client_cert: Optional[str] = None,
-                 client_key: Optional[str] = None, pool_size: int = 4, pool_idle: float = 30.0):
+                 client_key: Optional[str] = None, pool_size: int = 20, pool_idle: float = 30.0):
         self.hostname = hostname
         self.timeout = timeout
         self.pool_size = pool_size
