@@ -4,6 +4,7 @@ Owns the wire form of a reply and the control-character cleaning of echoed
 text. Must not know about sessions or sockets: it only builds values.
 """
 
+import functools
 from typing import NamedTuple
 
 _CONTROL = {c: " " for c in range(32)}
@@ -24,15 +25,27 @@ class Reply(NamedTuple):
 
     def line(self) -> bytes:
         """The reply as it goes on the wire, CRLF-terminated [R5321 4.2.1]."""
-        lines = self.text.split("\n")
-        prefix = "%d %s " % (self.code, self.enhanced) if self.enhanced else "%d " % self.code
-        more = prefix.replace(" ", "-", 1)
-        out = [more + t for t in lines[:-1]]
-        out.append(prefix + lines[-1])
-        return ("\r\n".join(out) + "\r\n").encode("utf-8", "replace")
+        return _wire_form(self)
 
     def __str__(self) -> str:
         return self.line().decode("utf-8", "replace").rstrip("\r\n")
+
+
+# The same few constant replies go out for every command of every message:
+# their wire form is built once. Replies are immutable tuples, so a cached
+# value can never go stale; the bound keeps per-message replies (accepted(id))
+# from growing the cache without limit.
+_WIRE_CACHE_SIZE = 256
+
+
+@functools.lru_cache(maxsize=_WIRE_CACHE_SIZE)
+def _wire_form(reply: Reply) -> bytes:
+    lines = reply.text.split("\n")
+    prefix = "%d %s " % (reply.code, reply.enhanced) if reply.enhanced else "%d " % reply.code
+    more = prefix.replace(" ", "-", 1)
+    out = [more + t for t in lines[:-1]]
+    out.append(prefix + lines[-1])
+    return ("\r\n".join(out) + "\r\n").encode("utf-8", "replace")
 
 
 class SmtpError(Exception):
