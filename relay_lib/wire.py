@@ -22,7 +22,12 @@ from typing import Optional, Tuple
 from relay_lib.replies import Reply
 
 MAX_LINE = 4096  # SPEC 3.2 (RFC 5321 4.5.3.1.4 asks for at least 512)
-RECV_SIZE = 256 * 1024  # large reads keep the per-message Python overhead low
+# recv(n) allocates n bytes and then shrinks the result. Past glibc's mmap
+# threshold (128 KiB) that is an mmap, mremap and munmap for every read, so
+# both sizes stay below it. Command reads ask for little (a pipelined
+# transaction fits); body reads for more, so a 100 KB message takes few reads.
+LINE_RECV_SIZE = 16 * 1024
+DATA_RECV_SIZE = 64 * 1024
 IDLE_SLICE = 1.0  # seconds; how often a blocked read checks for interrupt()
 # Held replies are sent once they reach this size even if input is still
 # buffered, so a client that pipelines a flood of cheap commands cannot make
@@ -79,6 +84,9 @@ class Wire:
         self._out = []
         self._held = 0  # octets in _out
         self._interrupted = False
+        # settimeout() is a system call (an ioctl) and the read and write
+        # timeouts alternate for every command: only call it on a change.
+        self._timeout: Optional[float] = sock.gettimeout()
 
     # ---- reading ---------------------------------------------------------
 
@@ -143,7 +151,8 @@ class Wire:
         """
         deadline = time.monotonic() + self.data_timeout
         # The CRLF that ended the DATA command starts the first line, so a
-        # body that is just ".\r\n" ends at once.
+        # body that is just ".\r\n" ends at once and a leading dot is
+        # unstuffed like any other.
         data = bytearray(b"\r\n")
         data += self._buf
         self._buf.clear()
@@ -159,44 +168,60 @@ class Wire:
                 dropped += len(data) - 4
                 del data[:-4]
             scan = max(0, len(data) - 4)
-            self._buf = data  # _fill appends to self._buf
-            try:
-                self._fill(deadline)
-            finally:
-                self._buf = bytearray()
-        self._buf = bytearray(data[end + 5:])
+            data += self._receive(deadline, DATA_RECV_SIZE)
+        self._buf = data[end + 5:]  # pipelined commands after the dot
         if dropped:
             return None, dropped + end
-        del data[end + 2:]  # the CRLF before the dot ends the last line
-        body = bytes(data).replace(b"\r\n.", b"\r\n")[2:]
+        stop = end + 2  # the CRLF before the dot ends the last line
+        # A line end other than CRLF (a bare CR or LF) is made CRLF below;
+        # counted on the buffer in place, before any copy.
+        crlf = data.count(b"\r\n", 2, stop)
+        bare_eol = crlf != data.count(b"\n", 2, stop) or crlf != data.count(b"\r", 2, stop)
+        with memoryview(data) as view:
+            if data.find(b"\r\n.", 0, stop) < 0:
+                body = bytes(view[2:stop])  # the usual case: the one copy
+            else:
+                body = bytes(view[:stop]).replace(b"\r\n.", b"\r\n")[2:]
         size = len(body)
         if size > max_size:  # the whole message came in before the check above
             return None, size
-        crlf = body.count(b"\r\n")
-        if crlf != body.count(b"\n") or crlf != body.count(b"\r"):  # a bare CR or LF somewhere
+        if bare_eol:
             body = _ANY_EOL.sub(b"\r\n", body)
         return body, size
 
     def _fill(self, deadline: float) -> None:
-        """Block until more bytes arrive, sending queued replies first."""
+        """Block until more command bytes arrive and add them to the buffer."""
+        self._buf += self._receive(deadline, LINE_RECV_SIZE)
+
+    def _receive(self, deadline: float, size: int) -> bytes:
+        """Send queued replies, then block until up to `size` bytes arrive."""
         self.flush()
         while True:
-            if self._interrupted:
-                raise Closed("interrupted")
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise Timeout("read")
-            self.sock.settimeout(min(remaining, IDLE_SLICE))
+            self._wait_turn(deadline)
             try:
-                chunk = self.sock.recv(RECV_SIZE)
+                chunk = self.sock.recv(size)
             except socket.timeout:
                 continue
             except OSError as exc:
                 raise Closed(str(exc)) from exc
             if not chunk:
                 raise Closed("interrupted" if self._interrupted else "peer closed")
-            self._buf += chunk
-            return
+            return chunk
+
+    def _wait_turn(self, deadline: float) -> None:
+        """Before each blocking read: check interrupt() and the deadline, and
+        bound the read by IDLE_SLICE so an interrupt is noticed."""
+        if self._interrupted:
+            raise Closed("interrupted")
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise Timeout("read")
+        self._set_timeout(min(remaining, IDLE_SLICE))
+
+    def _set_timeout(self, seconds: float) -> None:
+        if seconds != self._timeout:
+            self.sock.settimeout(seconds)
+            self._timeout = seconds
 
     # ---- writing ---------------------------------------------------------
 
@@ -220,11 +245,27 @@ class Wire:
         """
         if not self._out:
             return
-        data = b"".join(self._out)
+        data = b"".join(self._out) if len(self._out) > 1 else self._out[0]
         self._out = []
         self._held = 0
-        self.sock.settimeout(self.write_timeout)
+        started = time.monotonic()
         try:
+            if self._timeout and self._timeout <= self.write_timeout:
+                # The socket still carries the read slice, which is within
+                # the write limit: try one send() without changing it (saves
+                # two settimeout calls per reply). A batch of replies nearly
+                # always fits the socket buffer at once.
+                try:
+                    sent = self.sock.send(data)
+                except socket.timeout:
+                    sent = 0  # the client is not reading: wait the full limit below
+                if sent == len(data):
+                    return
+                data = data[sent:]
+            remaining = self.write_timeout - (time.monotonic() - started)
+            if remaining <= 0:
+                raise Timeout("write")
+            self._set_timeout(remaining)
             self.sock.sendall(data)
         except socket.timeout as exc:
             raise Timeout("write") from exc
@@ -246,7 +287,7 @@ class Wire:
         self.flush()
         dropped = len(self._buf)
         self._buf = bytearray()
-        self.sock.settimeout(self.read_timeout)
+        self._set_timeout(self.read_timeout)
         try:
             self.sock = context.wrap_socket(self.sock, server_side=True)
         except socket.timeout as exc:

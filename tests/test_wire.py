@@ -28,7 +28,8 @@ def pair():
 def chunking(request, monkeypatch):
     """Make the Wire receive in tiny pieces, so every split point is tried."""
     if request.param is not None:
-        monkeypatch.setattr(wire, "RECV_SIZE", request.param)
+        monkeypatch.setattr(wire, "LINE_RECV_SIZE", request.param)
+        monkeypatch.setattr(wire, "DATA_RECV_SIZE", request.param)
     return request.param
 
 
