@@ -1,12 +1,16 @@
 """Shared fixtures: test certificates, the real relay on loopback, an aiosmtpd
-downstream that records what it receives, and a scripted HTTP webhook.
+downstream that records what it receives (`sink`, `sink_factory`), raw-socket
+servers for failures aiosmtpd cannot script (`MiniSMTP`, `Trickle`) and a
+scripted HTTP webhook.
 
 Every fixture owns its lifecycle: what it starts, it stops at teardown.
 """
 
+import asyncio
 import datetime
 import ipaddress
 import json
+import logging
 import os
 import socket
 import ssl
@@ -17,13 +21,13 @@ from types import SimpleNamespace
 
 import pytest
 from aiosmtpd.controller import Controller
-from aiosmtpd.smtp import AuthResult, LoginPassword
+from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from relay_lib import config
+from relay_lib import config, logs
 
 
 # -- certificates --------------------------------------------------------
@@ -88,14 +92,37 @@ def certs(tmp_path_factory):
         ctx = ssl.create_default_context(cafile=ca_path)
         return ctx
 
-    def server_context():
+    def server_context(cert=None, key=None, client_ca=None):
+        """A server context with the localhost certificate (or `cert`/`key`);
+        with `client_ca`, clients must present a certificate it signed."""
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        ctx.load_cert_chain(cert_path, key_path)
+        ctx.load_cert_chain(cert or cert_path, key or key_path)
+        if client_ca:
+            ctx.verify_mode = ssl.CERT_REQUIRED
+            ctx.load_verify_locations(client_ca)
         return ctx
 
     return SimpleNamespace(folder=folder, ca_path=ca_path, cert_path=cert_path, key_path=key_path,
                            client_cert_path=client_cert_path, client_key_path=client_key_path,
                            client_context=client_context, server_context=server_context)
+
+
+def make_ca_and_leaf(folder, names):
+    """A second CA and a server certificate for `names` only (not localhost);
+    returns [ca_path, cert_path, key_path]."""
+    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca_cert = _issue("other test CA", ca_key, _name("other test CA"), ca_key, ca=True)
+    ca_path = os.path.join(folder, "other-ca.pem")
+    with open(ca_path, "wb") as f:
+        f.write(ca_cert.public_bytes(serialization.Encoding.PEM))
+    sans = []
+    for n in names:
+        try:
+            sans.append(x509.IPAddress(ipaddress.ip_address(n)))
+        except ValueError:
+            sans.append(x509.DNSName(n))
+    leaf = _issue(names[0], ca_key, ca_cert.subject, key, sans=sans)
+    return [ca_path] + list(_write_pair(folder, "other", leaf, key))
 
 
 # -- the relay ------------------------------------------------------------
@@ -156,6 +183,19 @@ def relay_factory(tmp_path):
     assert wait_until(lambda: not relay_threads()), "threads still running: %s" % relay_threads()
 
 
+@pytest.fixture
+def relay_log(caplog, monkeypatch):
+    """caplog that sees every record of the relay's logger at every level.
+
+    setup_logging() (run by other tests) turns propagation off; turn it back
+    on for this test so the records reach caplog's handler.
+    """
+    monkeypatch.setattr(logs.log, "propagate", True)
+    monkeypatch.setattr(logs.log, "level", logging.NOTSET)
+    caplog.set_level(1)
+    return caplog
+
+
 def outbox_messages(folder):
     """[(envelope dict, message bytes)] of what the file: remote wrote."""
     found = []
@@ -170,23 +210,46 @@ def outbox_messages(folder):
     return found
 
 
-# -- a downstream SMTP server ---------------------------------------------
+# -- downstream SMTP servers ----------------------------------------------
 
 def free_port(host="127.0.0.1"):
+    """A port nobody listens on right now (aiosmtpd needs one before it starts)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return s.getsockname()[1]
 
 
-class RecordingHandler:
-    """aiosmtpd handler that keeps each envelope in `box`, or answers `reply`."""
+class _Recorder:
+    """aiosmtpd handler that keeps each envelope in `box`, or answers a scripted reply.
 
-    def __init__(self):
+    `mail_reply` (at MAIL), `rcpt_reply` ({address: reply} at RCPT),
+    `data_reply` (after the dot) and `delay` (before the DATA answer) script failures.
+    """
+
+    def __init__(self, pipelining):
+        self.pipelining = pipelining
         self.box = []
-        self.reply = None      # e.g. "550 5.7.1 No thanks" for DATA
-        self.rcpt_reply = {}   # address -> reply at RCPT
+        self.mechanisms = []
+        self.connections = set()
+        self.rcpt_reply = {}
+        self.mail_reply = None
+        self.data_reply = None
         self.delay = 0.0
+
+    async def handle_EHLO(self, server, session, envelope, hostname, responses):
+        session.host_name = hostname
+        self.connections.add(session.peer)
+        if self.pipelining:
+            responses.insert(1, "250-PIPELINING")
+        return responses
+
+    async def handle_MAIL(self, server, session, envelope, address, mail_options):
+        if self.mail_reply:
+            return self.mail_reply
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return "250 OK"
 
     async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
         if address in self.rcpt_reply:
@@ -196,66 +259,277 @@ class RecordingHandler:
 
     async def handle_DATA(self, server, session, envelope):
         if self.delay:
-            import asyncio
             await asyncio.sleep(self.delay)
-        if self.reply:
-            return self.reply
-        self.box.append(SimpleNamespace(mail_from=envelope.mail_from, rcpt_tos=list(envelope.rcpt_tos),
-                                        content=envelope.original_content, login=session.login_data,
-                                        tls=session.ssl is not None, peer=session.peer))
-        return "250 2.0.0 Queued"
+        if self.data_reply:
+            return self.data_reply
+        self.box.append(SimpleNamespace(
+            mail_from=envelope.mail_from, rcpt_tos=list(envelope.rcpt_tos),
+            mail_options=list(envelope.mail_options), content=envelope.original_content,
+            login=session.auth_data, peer=session.peer,
+            tls=session.ssl is not None or server.transport.get_extra_info("ssl_object") is not None,
+            helo=session.host_name))
+        return "250 2.0.0 Queued as Q%d" % len(self.box)
 
 
 class _Controller(Controller):
-    """aiosmtpd's Controller with implicit TLS and AUTH options passed through."""
+    """aiosmtpd's Controller with implicit TLS and the SMTP options passed through."""
 
-    def __init__(self, handler, port, implicit_tls=None, **smtp_kwargs):
+    def __init__(self, handler, host, port, implicit_tls, smtp_kwargs):
         self._smtp_kwargs = smtp_kwargs
-        super().__init__(handler, hostname="127.0.0.1", port=port, ssl_context=implicit_tls,
+        super().__init__(handler, hostname=host, port=port, ssl_context=implicit_tls,
                          server_hostname="localhost", ready_timeout=5)
 
     def factory(self):
-        from aiosmtpd.smtp import SMTP
         return SMTP(self.handler, hostname="sink.test", **self._smtp_kwargs)
+
+
+class Downstream:
+    """An aiosmtpd server that records what arrives: `box` (messages, with the
+    AUTH login, TLS, peer and HELO name), `handler.mechanisms` (AUTH
+    mechanisms used), `handler.connections` (peers that said EHLO).
+
+    `mode` is plain, starttls or tls (with `context`); auth={user: password};
+    `pipelining` advertises PIPELINING. Script failures through `handler`.
+    """
+
+    def __init__(self, context=None, mode="plain", auth=None, pipelining=False, host="127.0.0.1",
+                 port=None):
+        self.host = host
+        self.port = port or free_port(host)
+        self.handler = _Recorder(pipelining)
+        kwargs = {"enable_SMTPUTF8": True}
+        if auth is not None:
+            def authenticator(server, session, envelope, mechanism, data):
+                self.handler.mechanisms.append(mechanism)
+                ok = (isinstance(data, LoginPassword)
+                      and auth.get(data.login.decode()) == data.password.decode())
+                return AuthResult(success=ok, handled=False, auth_data=data.login if ok else None)
+            kwargs.update(authenticator=authenticator, auth_require_tls=False)
+        if mode == "starttls":
+            kwargs.update(tls_context=context)
+        self.controller = _Controller(self.handler, host, self.port,
+                                      context if mode == "tls" else None, kwargs)
+        self.controller.start()
+
+    @property
+    def box(self):
+        return self.handler.box
+
+    def url(self, scheme="smtp", userinfo="", path="", query=""):
+        host = "[%s]" % self.host if ":" in self.host else self.host
+        return "%s://%s%s:%d%s%s" % (scheme, userinfo + "@" if userinfo else "", host, self.port,
+                                     "/" + path if path else "", "?" + query if query else "")
+
+    def stop(self):
+        if self.controller._thread is not None:
+            self.controller.stop()
 
 
 @pytest.fixture
 def sink_factory(certs):
-    """Start aiosmtpd downstreams: mode plain, starttls or tls; auth={user: password}.
+    """Start Downstreams: sink_factory(mode, context=None, auth=..., pipelining=..., host=...).
 
-    Returns the controller, with `.port`, `.box` (received messages),
-    `.handler` (set `.reply`, `.rcpt_reply`, `.delay` to script failures).
+    TLS modes use the test CA's server certificate unless `context` is given.
+    Every one is stopped at teardown.
     """
     started = []
 
-    def factory(mode="plain", auth=None, require_starttls=False):
-        handler = RecordingHandler()
-        kwargs = {}
-        if auth is not None:
-            def authenticator(server, session, envelope, mechanism, data):
-                ok = isinstance(data, LoginPassword) and auth.get(data.login.decode()) == data.password.decode()
-                return AuthResult(success=ok, handled=False, auth_data=data.login if ok else None)
-            kwargs.update(authenticator=authenticator, auth_require_tls=False)
-        if mode == "starttls":
-            kwargs.update(tls_context=certs.server_context(), require_starttls=require_starttls)
-        port = free_port()
-        controller = _Controller(handler, port, implicit_tls=certs.server_context() if mode == "tls" else None,
-                                 **kwargs)
-        controller.start()
-        started.append(controller)
-        controller.box = handler.box
-        controller.port = port
-        return controller
+    def factory(mode="plain", context=None, **kw):
+        if context is None and mode != "plain":
+            context = certs.server_context()
+        d = Downstream(context=context, mode=mode, **kw)
+        started.append(d)
+        return d
 
     yield factory
-    for controller in started:
-        controller.stop()
+    for d in started:
+        d.stop()
 
 
 @pytest.fixture
 def sink(sink_factory):
     """A plain aiosmtpd downstream on loopback."""
     return sink_factory()
+
+
+# -- a raw-socket SMTP server ------------------------------------------------
+
+class MiniSMTP:
+    """Answers SMTP from a thread per connection; records what it saw.
+
+    `drop_rset` makes the first connection close silently when it reads RSET
+    (a pooled connection that died between messages, unnoticed by the client);
+    `drop_in_data` closes in the middle of the body; `greeting` replaces 220;
+    `messages_per_connection` answers the next MAIL with 421 and closes.
+    `pipelined` records, per MAIL, whether RCPT and DATA had already arrived
+    before MAIL was answered [R2920].
+    """
+
+    PIPELINE_WAIT = 0.25
+
+    def __init__(self, pipelining=True, drop_rset=False, drop_in_data=False,
+                 greeting=b"220 mini.test ESMTP", messages_per_connection=0):
+        self.pipelining = pipelining
+        self.drop_rset = drop_rset
+        self.messages_per_connection = messages_per_connection
+        self.drop_in_data = drop_in_data
+        self.greeting = greeting
+        self.connections = 0
+        self.pipelined = []
+        self.messages = []
+        self.lines = []
+        self._sock = socket.create_server(("127.0.0.1", 0))
+        self._sock.settimeout(0.1)
+        self.port = self._sock.getsockname()[1]
+        self._stop = threading.Event()
+        self._threads = []
+        self._accepter = threading.Thread(target=self._accept, daemon=True)
+        self._accepter.start()
+
+    def url(self):
+        return "smtp://127.0.0.1:%d" % self.port
+
+    def stop(self):
+        self._stop.set()
+        self._accepter.join(5)
+        self._sock.close()
+        for t in self._threads:
+            t.join(5)
+
+    def _accept(self):
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._sock.accept()
+            except OSError:
+                continue
+            self.connections += 1
+            t = threading.Thread(target=self._serve, args=(conn, self.connections), daemon=True)
+            self._threads.append(t)
+            t.start()
+
+    def _serve(self, conn, number):
+        conn.settimeout(5)
+        buf = b""
+
+        def more(wait):
+            nonlocal buf
+            conn.settimeout(wait)
+            try:
+                data = conn.recv(65536)
+            except socket.timeout:
+                return False
+            finally:
+                conn.settimeout(5)
+            if not data:
+                raise EOFError
+            buf += data
+            return True
+
+        def line():
+            nonlocal buf
+            while b"\r\n" not in buf:
+                more(5)
+            head, _, buf = buf.partition(b"\r\n")
+            self.lines.append(head)
+            return head
+
+        try:
+            conn.sendall(self.greeting + b"\r\n")
+            if not self.greeting.startswith(b"220"):
+                line()  # the client's QUIT
+                return
+            while not self._stop.is_set():
+                cmd = line()
+                verb = cmd[:4].upper()
+                if verb == b"EHLO":
+                    ext = b"250-PIPELINING\r\n" if self.pipelining else b""
+                    conn.sendall(b"250-mini.test\r\n" + ext + b"250 8BITMIME\r\n")
+                elif verb == b"RSET":
+                    if self.drop_rset and number == 1:
+                        return
+                    conn.sendall(b"250 2.0.0 OK\r\n")
+                elif verb == b"MAIL" and self.messages_per_connection and sum(
+                        1 for n, _ in self.messages if n == number) >= self.messages_per_connection:
+                    conn.sendall(b"421 4.7.0 Too many messages on this connection\r\n")
+                    return
+                elif verb == b"MAIL":
+                    deadline = time.monotonic() + self.PIPELINE_WAIT
+                    while b"DATA\r\n" not in buf and time.monotonic() < deadline:
+                        more(max(0.01, deadline - time.monotonic()))
+                    self.pipelined.append(b"DATA\r\n" in buf)
+                    conn.sendall(b"250 2.1.0 OK\r\n")
+                elif verb == b"RCPT":
+                    conn.sendall(b"250 2.1.5 OK\r\n")
+                elif verb == b"DATA":
+                    conn.sendall(b"354 go\r\n")
+                    if self.drop_in_data:
+                        more(5)  # some of the body, then the line goes dead
+                        return
+                    while b"\r\n.\r\n" not in buf:
+                        more(5)
+                    data, _, buf = buf.partition(b"\r\n.\r\n")
+                    self.messages.append((number, data + b"\r\n"))
+                    conn.sendall(b"250 2.0.0 OK queued\r\n")
+                elif verb == b"QUIT":
+                    conn.sendall(b"221 2.0.0 Bye\r\n")
+                    return
+                else:
+                    conn.sendall(b"502 5.5.1 no\r\n")
+        except (EOFError, OSError):
+            return
+        finally:
+            conn.close()
+
+
+@pytest.fixture
+def mini():
+    """Factory for MiniSMTP servers; each is stopped at teardown."""
+    started = []
+
+    def factory(**kw):
+        m = MiniSMTP(**kw)
+        started.append(m)
+        return m
+
+    yield factory
+    for m in started:
+        m.stop()
+
+
+# -- an HTTP server that trickles its answer -----------------------------------
+
+class Trickle:
+    """Accepts one HTTP request and answers one byte every `gap` seconds."""
+
+    def __init__(self, gap=0.3):
+        self.gap = gap
+        self._sock = socket.create_server(("127.0.0.1", 0))
+        self.url = "http://127.0.0.1:%d/scan" % self._sock.getsockname()[1]
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self):
+        self._sock.settimeout(5)
+        try:
+            conn, _ = self._sock.accept()
+        except OSError:
+            return
+        with conn:
+            answer = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n\r\n" + b" " * 200
+            try:
+                conn.recv(1 << 20)
+                for i in range(len(answer)):
+                    if self._stop.wait(self.gap):
+                        return
+                    conn.sendall(answer[i:i + 1])
+            except OSError:
+                return
+
+    def stop(self):
+        self._stop.set()
+        self._thread.join(5)
+        self._sock.close()
 
 
 # -- a scanning webhook -----------------------------------------------------

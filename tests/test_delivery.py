@@ -7,17 +7,8 @@ import sys
 import time
 from datetime import datetime, timezone
 
-import pytest
-
 from relay_lib.delivery import Delivery, received_header
-from test_delivery_kit import BODY, Downstream, deliver_once, envelope, relay_log, settings_for  # noqa: F401
-
-
-@pytest.fixture
-def sink():
-    d = Downstream()
-    yield d
-    d.stop()
+from test_delivery_kit import BODY, deliver_once, envelope, settings_for
 
 
 def command_line(tmp_path, code, sleep=0.0):
@@ -171,15 +162,11 @@ def test_4_3_missing_command_program_is_451(tmp_path):
 
 # -- 6: the one info line per message -----------------------------------------
 
-def test_6_one_info_line_per_message_without_body_or_password(tmp_path, relay_log):
+def test_6_one_info_line_per_message_without_body_or_password(tmp_path, relay_log, sink_factory):
     caplog = relay_log
-    sink = Downstream(auth={"app1": "pw-Secret-123"})
-    try:
-        env = envelope(user="app1", rcpts=["b@example.org", "c@example.org"])
-        reply, _ = deliver_once(tmp_path, env=env,
-                                remotes=sink.url(userinfo="app1:pw-Secret-123"))
-    finally:
-        sink.stop()
+    sink = sink_factory(auth={"app1": "pw-Secret-123"})
+    env = envelope(user="app1", rcpts=["b@example.org", "c@example.org"])
+    reply, _ = deliver_once(tmp_path, env=env, remotes=sink.url(userinfo="app1:pw-Secret-123"))
     assert reply.code == 250
     ours = [r for r in caplog.records if r.name.startswith("smtprelay")]
     info = [r for r in ours if r.levelno == logging.INFO]
@@ -194,14 +181,10 @@ def test_6_one_info_line_per_message_without_body_or_password(tmp_path, relay_lo
     assert "Hello." not in text and "leading dot line" not in text
 
 
-def test_6_failed_message_still_logs_one_info_line_with_the_result(tmp_path, relay_log):
+def test_6_failed_message_still_logs_one_info_line_with_the_result(tmp_path, relay_log, sink):
     caplog = relay_log
-    sink = Downstream()
     sink.handler.data_reply = "554 5.6.0 Content rejected"
-    try:
-        reply, env = deliver_once(tmp_path, remotes=sink.url())
-    finally:
-        sink.stop()
+    reply, env = deliver_once(tmp_path, remotes=sink.url())
     info = [r for r in caplog.records if r.name == "smtprelay" and r.levelno == logging.INFO]
     assert len(info) == 1
     assert info[0].fields["result"] == str(reply) == "554 5.6.0 127.0.0.1: Content rejected"

@@ -203,7 +203,7 @@ def test_5_3_forwards_to_smtp_remote(relay_process, sink):
 
 
 def test_4_1_remote_5xx_passes_through(relay_process, sink):
-    sink.handler.reply = "554 5.7.1 Policy says no"
+    sink.handler.data_reply = "554 5.7.1 Policy says no"
     relay = relay_process({"remotes": "smtp://127.0.0.1:%d" % sink.port})
     with smtplib.SMTP("127.0.0.1", relay.port, timeout=10) as client:
         with pytest.raises(smtplib.SMTPDataError) as err:

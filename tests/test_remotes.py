@@ -11,29 +11,11 @@ import time
 import pytest
 
 from relay_lib.delivery import Delivery, received_header
-from test_delivery_kit import (BODY, Downstream, MiniSMTP, deliver_once, envelope, free_port,  # noqa: F401
-                               ipv6_loopback_works, make_ca_and_leaf, relay_log, server_context,
-                               settings_for)
+from conftest import free_port, make_ca_and_leaf
+from test_delivery_kit import BODY, deliver_once, envelope, ipv6_loopback_works, settings_for
 
 PASSWORD = "s3cr:t@p w"
 PASSWORD_URL = "s3cr%3At%40p%20w"
-
-
-@pytest.fixture
-def downstream(certs):
-    """Factory for aiosmtpd downstreams using the test CA's server certificate."""
-    started = []
-
-    def factory(mode="plain", context=None, **kw):
-        if context is None and mode != "plain":
-            context = certs.server_context()
-        d = Downstream(context=context, mode=mode, **kw)
-        started.append(d)
-        return d
-
-    yield factory
-    for d in started:
-        d.stop()
 
 
 @pytest.fixture
@@ -43,24 +25,10 @@ def trust_test_ca(certs, monkeypatch):
     monkeypatch.delenv("SSL_CERT_DIR", raising=False)
 
 
-@pytest.fixture
-def mini():
-    started = []
-
-    def factory(**kw):
-        m = MiniSMTP(**kw)
-        started.append(m)
-        return m
-
-    yield factory
-    for m in started:
-        m.stop()
-
-
 # -- 5.1 schemes and parameters ----------------------------------------------
 
-def test_5_3_smtp_plain_forwards_bytes_exactly_plus_one_received_header(tmp_path, downstream):
-    d = downstream()
+def test_5_3_smtp_plain_forwards_bytes_exactly_plus_one_received_header(tmp_path, sink_factory):
+    d = sink_factory()
     settings = settings_for(tmp_path, remotes=d.url())
     delivery = Delivery(settings)
     env = envelope()
@@ -78,15 +46,15 @@ def test_5_3_smtp_plain_forwards_bytes_exactly_plus_one_received_header(tmp_path
     assert not got.tls
 
 
-def test_5_1_smtp_upgrades_with_starttls_when_offered(tmp_path, downstream, trust_test_ca):
-    d = downstream("starttls")
+def test_5_1_smtp_upgrades_with_starttls_when_offered(tmp_path, sink_factory, trust_test_ca):
+    d = sink_factory("starttls")
     reply, _ = deliver_once(tmp_path, remotes=d.url("smtp"))
     assert reply.code == 250
     assert d.box[0].tls
 
 
-def test_5_1_smtp_starttls_with_untrusted_certificate_is_451(tmp_path, downstream):
-    d = downstream("starttls")
+def test_5_1_smtp_starttls_with_untrusted_certificate_is_451(tmp_path, sink_factory):
+    d = sink_factory("starttls")
     reply, _ = deliver_once(tmp_path, remotes=d.url("smtp"))
     assert str(reply) == "451 4.4.1 Forwarding failed, try again later"
     assert d.box == []
@@ -98,40 +66,40 @@ def test_5_1_smtp_starttls_with_untrusted_certificate_is_451(tmp_path, downstrea
     ("tls", "tls", "skipVerify"),
     ("smtps", "tls", "skipverify=true"),
 ], ids=["smtp", "starttls", "tls", "smtps"])
-def test_5_1_skipverify_accepts_an_untrusted_certificate(tmp_path, downstream, scheme, mode, query):
-    d = downstream(mode)
+def test_5_1_skipverify_accepts_an_untrusted_certificate(tmp_path, sink_factory, scheme, mode, query):
+    d = sink_factory(mode)
     reply, _ = deliver_once(tmp_path, remotes=d.url(scheme, query=query))
     assert reply.code == 250
     assert d.box[0].tls
 
 
-def test_5_1_starttls_scheme_fails_when_starttls_not_offered(tmp_path, downstream):
-    d = downstream("plain")
+def test_5_1_starttls_scheme_fails_when_starttls_not_offered(tmp_path, sink_factory):
+    d = sink_factory("plain")
     reply, _ = deliver_once(tmp_path, remotes=d.url("starttls"))
     assert str(reply) == "451 4.4.1 Forwarding failed, try again later"
     assert d.box == []
 
 
 @pytest.mark.parametrize("scheme,mode", [("starttls", "starttls"), ("tls", "tls"), ("smtps", "tls")])
-def test_5_1_tls_schemes_verify_against_the_trust_store(tmp_path, downstream, trust_test_ca,
+def test_5_1_tls_schemes_verify_against_the_trust_store(tmp_path, sink_factory, trust_test_ca,
                                                         scheme, mode):
-    d = downstream(mode)
+    d = sink_factory(mode)
     reply, _ = deliver_once(tmp_path, remotes=d.url(scheme))
     assert reply.code == 250
     assert d.box[0].tls
 
 
 @pytest.mark.parametrize("scheme,mode", [("tls", "tls"), ("starttls", "starttls")])
-def test_5_1_tls_schemes_without_trust_fail_451(tmp_path, downstream, scheme, mode):
-    d = downstream(mode)
+def test_5_1_tls_schemes_without_trust_fail_451(tmp_path, sink_factory, scheme, mode):
+    d = sink_factory(mode)
     reply, _ = deliver_once(tmp_path, remotes=d.url(scheme))
     assert str(reply) == "451 4.4.1 Forwarding failed, try again later"
 
 
-def test_5_1_host_name_is_verified(tmp_path, downstream, monkeypatch):
+def test_5_1_host_name_is_verified(tmp_path, sink_factory, certs, monkeypatch):
     ca, cert, key = make_ca_and_leaf(str(tmp_path), ["wrong.test"])
     monkeypatch.setenv("SSL_CERT_FILE", ca)  # the chain is trusted, only the name is wrong
-    d = downstream("tls", context=server_context(cert, key))
+    d = sink_factory("tls", context=certs.server_context(cert, key))
     reply, _ = deliver_once(tmp_path, remotes=d.url("tls"))
     assert str(reply) == "451 4.4.1 Forwarding failed, try again later"
     assert d.box == []
@@ -140,9 +108,9 @@ def test_5_1_host_name_is_verified(tmp_path, downstream, monkeypatch):
 
 
 @pytest.mark.parametrize("mode,scheme", [("plain", "smtp"), ("starttls", "starttls"), ("tls", "tls")])
-def test_5_1_auth_plain_is_the_default_with_percent_decoded_password(tmp_path, downstream,
+def test_5_1_auth_plain_is_the_default_with_percent_decoded_password(tmp_path, sink_factory,
                                                                      trust_test_ca, mode, scheme):
-    d = downstream(mode, auth={"app1": PASSWORD})
+    d = sink_factory(mode, auth={"app1": PASSWORD})
     reply, _ = deliver_once(tmp_path, remotes=d.url(scheme, userinfo="app1:" + PASSWORD_URL))
     assert reply.code == 250
     assert d.handler.mechanisms == ["PLAIN"]
@@ -150,8 +118,8 @@ def test_5_1_auth_plain_is_the_default_with_percent_decoded_password(tmp_path, d
 
 
 @pytest.mark.parametrize("mode,scheme", [("plain", "smtp"), ("tls", "smtps")])
-def test_5_1_auth_login_when_asked(tmp_path, downstream, trust_test_ca, mode, scheme):
-    d = downstream(mode, auth={"app1": PASSWORD})
+def test_5_1_auth_login_when_asked(tmp_path, sink_factory, trust_test_ca, mode, scheme):
+    d = sink_factory(mode, auth={"app1": PASSWORD})
     reply, _ = deliver_once(tmp_path, remotes=d.url(scheme, userinfo="app1:" + PASSWORD_URL,
                                                     query="auth=login"))
     assert reply.code == 250
@@ -173,47 +141,46 @@ def _non_loopback_address():
 
 
 @pytest.mark.skipif(_non_loopback_address() is None, reason="no non-loopback interface")
-def test_5_1_no_password_in_the_clear_over_a_network(tmp_path, downstream):
-    d = downstream(auth={"app1": PASSWORD}, host=_non_loopback_address())
+def test_5_1_no_password_in_the_clear_over_a_network(tmp_path, sink_factory):
+    d = sink_factory(auth={"app1": PASSWORD}, host=_non_loopback_address())
     reply, _ = deliver_once(tmp_path, remotes=d.url(userinfo="app1:" + PASSWORD_URL))
     assert str(reply) == "451 4.4.1 Forwarding failed, try again later"
     assert d.handler.mechanisms == [] and d.box == []
 
 
 @pytest.mark.parametrize("query", ["", "auth=login"], ids=["plain", "login"])
-def test_4_1_remote_auth_failure_is_451_not_535(tmp_path, downstream, query):
-    d = downstream(auth={"app1": PASSWORD})
+def test_4_1_remote_auth_failure_is_451_not_535(tmp_path, sink_factory, query):
+    d = sink_factory(auth={"app1": PASSWORD})
     reply, _ = deliver_once(tmp_path, remotes=d.url(userinfo="app1:wrong", query=query))
     assert str(reply) == "451 4.4.1 Forwarding failed, try again later"
     assert d.box == []
 
 
-def test_5_1_sender_path_replaces_the_envelope_sender(tmp_path, downstream):
-    d = downstream()
+def test_5_1_sender_path_replaces_the_envelope_sender(tmp_path, sink_factory):
+    d = sink_factory()
     reply, _ = deliver_once(tmp_path, remotes=d.url(path="bounce@example.com"))
     assert reply.code == 250
     assert d.box[0].mail_from == "bounce@example.com"
 
 
-def test_5_1_null_sender_is_forwarded(tmp_path, downstream):
-    d = downstream()
+def test_5_1_null_sender_is_forwarded(tmp_path, sink_factory):
+    d = sink_factory()
     reply, _ = deliver_once(tmp_path, env=envelope(mail_from=""), remotes=d.url())
     assert reply.code == 250
     assert d.box[0].mail_from == "<>"  # how aiosmtpd reports MAIL FROM:<>
 
 
 @pytest.mark.skipif(not ipv6_loopback_works(), reason="this machine has no IPv6 loopback")
-def test_5_1_ipv6_host_in_brackets(tmp_path, downstream):
-    d = downstream(host="::1")
+def test_5_1_ipv6_host_in_brackets(tmp_path, sink_factory):
+    d = sink_factory(host="::1")
     reply, _ = deliver_once(tmp_path, remotes=d.url())
     assert d.url().startswith("smtp://[::1]:")
     assert reply.code == 250
     assert d.box[0].peer[0] == "::1"
 
 
-def test_5_3_client_certificate_from_remote_certificate(tmp_path, downstream, certs, trust_test_ca):
-    d = downstream("tls", context=server_context(certs.cert_path, certs.key_path,
-                                                 client_ca=certs.ca_path))
+def test_5_3_client_certificate_from_remote_certificate(tmp_path, sink_factory, certs, trust_test_ca):
+    d = sink_factory("tls", context=certs.server_context(client_ca=certs.ca_path))
     reply, _ = deliver_once(tmp_path, remotes=d.url("tls"), remote_certificate=certs.client_cert_path,
                             remote_key=certs.client_key_path)
     assert reply.code == 250
@@ -224,8 +191,8 @@ def test_5_3_client_certificate_from_remote_certificate(tmp_path, downstream, ce
 
 # -- 5.2 routing --------------------------------------------------------------
 
-def test_5_2_two_recipients_two_remotes(tmp_path, downstream):
-    one, two = downstream(), downstream()
+def test_5_2_two_recipients_two_remotes(tmp_path, sink_factory):
+    one, two = sink_factory(), sink_factory()
     remotes = "%s %s" % (one.url(query="recipient=.*@one%5C.test"),
                          two.url(query="recipient=.*@TWO.test"))
     env = envelope(rcpts=["a@one.test", "b@two.test"])
@@ -235,8 +202,8 @@ def test_5_2_two_recipients_two_remotes(tmp_path, downstream):
     assert [m.rcpt_tos for m in two.box] == [["b@two.test"]]
 
 
-def test_5_2_recipient_filter_is_a_full_match(tmp_path, downstream):
-    one, catch_all = downstream(), downstream()
+def test_5_2_recipient_filter_is_a_full_match(tmp_path, sink_factory):
+    one, catch_all = sink_factory(), sink_factory()
     remotes = "%s %s" % (one.url(query="recipient=one.test"), catch_all.url())
     env = envelope(rcpts=["x@one.test"])
     reply, _ = deliver_once(tmp_path, env=env, remotes=remotes)
@@ -245,16 +212,16 @@ def test_5_2_recipient_filter_is_a_full_match(tmp_path, downstream):
     assert catch_all.box[0].rcpt_tos == ["x@one.test"]
 
 
-def test_5_2_remote_without_filter_gets_every_recipient(tmp_path, downstream):
-    d = downstream()
+def test_5_2_remote_without_filter_gets_every_recipient(tmp_path, sink_factory):
+    d = sink_factory()
     env = envelope(rcpts=["a@one.test", "b@two.test"])
     reply, _ = deliver_once(tmp_path, env=env, remotes=d.url())
     assert reply.code == 250
     assert d.box[0].rcpt_tos == ["a@one.test", "b@two.test"]  # one transaction
 
 
-def test_5_2_strict_sender_uses_only_the_matching_remote(tmp_path, downstream):
-    a, b = downstream(), downstream()
+def test_5_2_strict_sender_uses_only_the_matching_remote(tmp_path, sink_factory):
+    a, b = sink_factory(), sink_factory()
     remotes = "%s %s" % (a.url(path="a@example.com"), b.url(path="b@example.com"))
     reply, _ = deliver_once(tmp_path, env=envelope(mail_from="b@example.com"), remotes=remotes,
                             strict_sender="true")
@@ -262,16 +229,16 @@ def test_5_2_strict_sender_uses_only_the_matching_remote(tmp_path, downstream):
     assert a.box == [] and b.box[0].mail_from == "b@example.com"
 
 
-def test_5_2_without_strict_sender_every_remote_takes_part(tmp_path, downstream):
-    a, b = downstream(), downstream()
+def test_5_2_without_strict_sender_every_remote_takes_part(tmp_path, sink_factory):
+    a, b = sink_factory(), sink_factory()
     remotes = "%s %s" % (a.url(path="a@example.com"), b.url(path="b@example.com"))
     reply, _ = deliver_once(tmp_path, env=envelope(mail_from="b@example.com"), remotes=remotes)
     assert reply.code == 250
     assert a.box[0].mail_from == "a@example.com" and b.box[0].mail_from == "b@example.com"
 
 
-def test_5_2_recipient_no_remote_admits_is_never_dropped(tmp_path, downstream):
-    d = downstream()
+def test_5_2_recipient_no_remote_admits_is_never_dropped(tmp_path, sink_factory):
+    d = sink_factory()
     env = envelope(rcpts=["a@one.test", "z@elsewhere.test"])
     reply, _ = deliver_once(tmp_path, env=env, remotes=d.url(query="recipient=.*@one.test"))
     assert str(reply) == "550 5.7.1 No remote routes this recipient"
@@ -292,16 +259,16 @@ def test_4_1_remote_refusing_the_connection_is_451(tmp_path):
      "550 5.7.1 127.0.0.1: Message refused see https://example.com/why"),
     ("552 Too much mail", "552 5.0.0 127.0.0.1: Too much mail"),
 ], ids=["4xx-is-451", "5xx-passed-through", "multiline-5xx-on-one-line", "5xx-without-enhanced-code"])
-def test_4_1_remote_reply_after_data(tmp_path, downstream, remote_says, client_gets):
-    d = downstream()
+def test_4_1_remote_reply_after_data(tmp_path, sink_factory, remote_says, client_gets):
+    d = sink_factory()
     d.handler.data_reply = remote_says
     reply, _ = deliver_once(tmp_path, remotes=d.url())
     assert str(reply) == client_gets
     assert d.box == []
 
 
-def test_5_3_non_ascii_addresses_use_smtputf8(tmp_path, downstream):
-    d = downstream()
+def test_5_3_non_ascii_addresses_use_smtputf8(tmp_path, sink_factory):
+    d = sink_factory()
     env = envelope(mail_from="j\u00fcrgen@example.com", rcpts=["b\u00e9@example.org"])
     reply, _ = deliver_once(tmp_path, env=env, remotes=d.url())
     assert reply.code == 250
@@ -334,8 +301,8 @@ def test_4_1_remote_refusing_at_greeting(tmp_path, mini, greeting, line):
     assert str(reply) == line
 
 
-def test_5_3_failed_connection_is_not_reused(tmp_path, downstream):
-    d = downstream()
+def test_5_3_failed_connection_is_not_reused(tmp_path, sink_factory):
+    d = sink_factory()
     d.handler.data_reply = "554 5.6.0 Content rejected"
     delivery = Delivery(settings_for(tmp_path, remotes=d.url()))
     try:
@@ -349,8 +316,8 @@ def test_5_3_failed_connection_is_not_reused(tmp_path, downstream):
 
 
 @pytest.mark.parametrize("pipelining", [False, True], ids=["serial", "pipelined"])
-def test_5_3_partial_recipient_refusal_fails_the_message(tmp_path, downstream, pipelining):
-    d = downstream(pipelining=pipelining)
+def test_5_3_partial_recipient_refusal_fails_the_message(tmp_path, sink_factory, pipelining):
+    d = sink_factory(pipelining=pipelining)
     d.handler.rcpt_reply["c@example.org"] = "550 5.1.1 No such user"
     env = envelope(rcpts=["b@example.org", "c@example.org"])
     reply, _ = deliver_once(tmp_path, env=env, remotes=d.url())
@@ -359,8 +326,8 @@ def test_5_3_partial_recipient_refusal_fails_the_message(tmp_path, downstream, p
 
 
 @pytest.mark.parametrize("pipelining", [False, True], ids=["serial", "pipelined"])
-def test_5_3_recipient_4xx_is_451(tmp_path, downstream, pipelining):
-    d = downstream(pipelining=pipelining)
+def test_5_3_recipient_4xx_is_451(tmp_path, sink_factory, pipelining):
+    d = sink_factory(pipelining=pipelining)
     d.handler.rcpt_reply["b@example.org"] = "450 4.2.0 Mailbox busy"
     reply, _ = deliver_once(tmp_path, remotes=d.url())
     assert str(reply) == "451 4.4.1 Forwarding failed, try again later"
@@ -368,16 +335,16 @@ def test_5_3_recipient_4xx_is_451(tmp_path, downstream, pipelining):
 
 
 @pytest.mark.parametrize("pipelining", [False, True], ids=["serial", "pipelined"])
-def test_5_3_sender_5xx_is_passed_through(tmp_path, downstream, pipelining):
-    d = downstream(pipelining=pipelining)
+def test_5_3_sender_5xx_is_passed_through(tmp_path, sink_factory, pipelining):
+    d = sink_factory(pipelining=pipelining)
     d.handler.mail_reply = "553 5.7.1 Sender not welcome"
     reply, _ = deliver_once(tmp_path, remotes=d.url())
     assert str(reply) == "553 5.7.1 127.0.0.1: Sender not welcome"
     assert d.box == []
 
 
-def test_4_1_slow_remote_times_out_with_451(tmp_path, downstream):
-    d = downstream()
+def test_4_1_slow_remote_times_out_with_451(tmp_path, sink_factory):
+    d = sink_factory()
     d.handler.delay = 3
     started = time.monotonic()
     reply, _ = deliver_once(tmp_path, remotes=d.url(), remote_timeout="500ms")
@@ -385,8 +352,8 @@ def test_4_1_slow_remote_times_out_with_451(tmp_path, downstream):
     assert time.monotonic() - started < 2.5
 
 
-def test_5_3_remotes_tried_in_order_first_failure_decides(tmp_path, downstream):
-    bad, good = downstream(), downstream()
+def test_5_3_remotes_tried_in_order_first_failure_decides(tmp_path, sink_factory):
+    bad, good = sink_factory(), sink_factory()
     bad.handler.data_reply = "550 5.7.1 Nope"
     reply, _ = deliver_once(tmp_path, remotes="%s %s" % (bad.url(), good.url()))
     assert str(reply) == "550 5.7.1 127.0.0.1: Nope"
@@ -398,8 +365,8 @@ def test_5_3_remotes_tried_in_order_first_failure_decides(tmp_path, downstream):
 
 # -- 5.3 connection pool and pipelining (issue 6) ----------------------------
 
-def test_5_3_pool_reuses_one_connection_for_several_messages(tmp_path, downstream):
-    d = downstream(auth={"app1": PASSWORD})
+def test_5_3_pool_reuses_one_connection_for_several_messages(tmp_path, sink_factory):
+    d = sink_factory(auth={"app1": PASSWORD})
     delivery = Delivery(settings_for(tmp_path, remotes=d.url(userinfo="app1:" + PASSWORD_URL)))
     try:
         for _ in range(3):
@@ -412,8 +379,8 @@ def test_5_3_pool_reuses_one_connection_for_several_messages(tmp_path, downstrea
 
 
 @pytest.mark.parametrize("scheme,mode", [("tls", "tls"), ("starttls", "starttls")])
-def test_5_3_pool_reuses_tls_connections(tmp_path, downstream, trust_test_ca, scheme, mode):
-    d = downstream(mode, pipelining=True)
+def test_5_3_pool_reuses_tls_connections(tmp_path, sink_factory, trust_test_ca, scheme, mode):
+    d = sink_factory(mode, pipelining=True)
     delivery = Delivery(settings_for(tmp_path, remotes=d.url(scheme)))
     try:
         for _ in range(3):
@@ -423,8 +390,8 @@ def test_5_3_pool_reuses_tls_connections(tmp_path, downstream, trust_test_ca, sc
     assert len({m.peer for m in d.box}) == 1 and all(m.tls for m in d.box)
 
 
-def test_5_3_pool_size_zero_opens_a_connection_per_message(tmp_path, downstream):
-    d = downstream()
+def test_5_3_pool_size_zero_opens_a_connection_per_message(tmp_path, sink_factory):
+    d = sink_factory()
     delivery = Delivery(settings_for(tmp_path, remotes=d.url(), remote_pool_size="0"))
     try:
         for _ in range(2):
@@ -434,13 +401,13 @@ def test_5_3_pool_size_zero_opens_a_connection_per_message(tmp_path, downstream)
     assert len({m.peer for m in d.box}) == 2
 
 
-def test_5_3_pool_recovers_when_the_remote_restarted(tmp_path, downstream):
-    d = downstream()
+def test_5_3_pool_recovers_when_the_remote_restarted(tmp_path, sink_factory):
+    d = sink_factory()
     delivery = Delivery(settings_for(tmp_path, remotes=d.url()))
     try:
         assert delivery.deliver(envelope(), BODY).code == 250
         d.stop()  # the pooled connection is now closed by the remote
-        again = downstream(port=d.port)
+        again = sink_factory(port=d.port)
         assert delivery.deliver(envelope(), BODY).code == 250
     finally:
         delivery.close()
@@ -489,8 +456,8 @@ def test_5_3_transaction_is_pipelined_only_when_advertised(tmp_path, mini, pipel
     assert m.connections == 1
 
 
-def test_5_3_pool_closes_connections_idle_past_remote_pool_idle(tmp_path, downstream):
-    d = downstream()
+def test_5_3_pool_closes_connections_idle_past_remote_pool_idle(tmp_path, sink_factory):
+    d = sink_factory()
     delivery = Delivery(settings_for(tmp_path, remotes=d.url(), remote_pool_idle="200ms"))
     remote = delivery.settings.remotes[0]
     try:
@@ -504,8 +471,8 @@ def test_5_3_pool_closes_connections_idle_past_remote_pool_idle(tmp_path, downst
         delivery.close()
 
 
-def test_5_3_concurrent_messages_share_a_bounded_pool(tmp_path, downstream):
-    d = downstream(pipelining=True)
+def test_5_3_concurrent_messages_share_a_bounded_pool(tmp_path, sink_factory):
+    d = sink_factory(pipelining=True)
     delivery = Delivery(settings_for(tmp_path, remotes=d.url(), remote_pool_size="2"))
     results = []
 
@@ -528,10 +495,10 @@ def test_5_3_concurrent_messages_share_a_bounded_pool(tmp_path, downstream):
 
 # -- no secrets in the log ----------------------------------------------------
 
-def test_5_1_password_never_logged_at_any_level(tmp_path, downstream, relay_log):
+def test_5_1_password_never_logged_at_any_level(tmp_path, sink_factory, relay_log):
     caplog = relay_log
-    good = downstream(auth={"app1": PASSWORD})
-    bad = downstream(auth={"app1": "other"})
+    good = sink_factory(auth={"app1": PASSWORD})
+    bad = sink_factory(auth={"app1": "other"})
     for url in (good.url(userinfo="app1:" + PASSWORD_URL),
                 good.url(userinfo="app1:" + PASSWORD_URL, query="auth=login"),
                 bad.url(userinfo="app1:" + PASSWORD_URL),

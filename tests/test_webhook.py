@@ -10,16 +10,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from relay_lib.delivery import Delivery, received_header
-from test_delivery_kit import BODY, Downstream, Trickle, envelope, free_port, settings_for
+from conftest import Trickle, free_port
+from test_delivery_kit import BODY, envelope, settings_for
 
 SCAN_UNAVAILABLE = "451 4.3.0 Message scan unavailable, try again later"
-
-
-@pytest.fixture
-def sink():
-    d = Downstream()
-    yield d
-    d.stop()
 
 
 def run(tmp_path, sink, webhook_url, env=None, **options):
@@ -61,16 +55,12 @@ def test_4_2_hmac_signature_header(tmp_path, sink, webhook):
     assert request.headers["X-Smtprelay-Signature"] == "sha256=" + expected
 
 
-def test_4_2_called_once_with_every_recipient(tmp_path, webhook):
-    one, two = Downstream(), Downstream()
-    try:
-        remotes = "%s %s" % (one.url(query="recipient=.*@one.test"),
-                             two.url(query="recipient=.*@two.test"))
-        env = envelope(rcpts=["a@one.test", "b@two.test"])
-        reply, _, _ = run(tmp_path, None, webhook.url, env=env, remotes=remotes)
-    finally:
-        one.stop()
-        two.stop()
+def test_4_2_called_once_with_every_recipient(tmp_path, webhook, sink_factory):
+    one, two = sink_factory(), sink_factory()
+    remotes = "%s %s" % (one.url(query="recipient=.*@one.test"),
+                         two.url(query="recipient=.*@two.test"))
+    env = envelope(rcpts=["a@one.test", "b@two.test"])
+    reply, _, _ = run(tmp_path, None, webhook.url, env=env, remotes=remotes)
     assert reply.code == 250
     assert len(webhook.requests) == 1
     assert webhook.requests[0].json["to"] == ["a@one.test", "b@two.test"]
