@@ -14,11 +14,19 @@ class Talk:
     """One connection to the relay; `reply()` returns a whole reply as text."""
 
     def __init__(self, port: int, host: str = "127.0.0.1", tls: Optional[ssl.SSLContext] = None,
-                 timeout: float = 5.0):
+                 timeout: float = 5.0, ehlo: Optional[str] = None):
+        """With `ehlo`, read the greeting and say EHLO before returning."""
         self.sock = socket.create_connection((host, port), timeout)
-        if tls is not None:
-            self.sock = tls.wrap_socket(self.sock, server_hostname="localhost")
         self.buf = b""
+        try:
+            if tls is not None:
+                self.sock = tls.wrap_socket(self.sock, server_hostname="localhost")
+            if ehlo is not None:
+                self.reply()
+                self.cmd("EHLO " + ehlo)
+        except BaseException:
+            self.close()
+            raise
 
     def __enter__(self) -> "Talk":
         return self
@@ -54,6 +62,12 @@ class Talk:
         """Send one command line and return its reply."""
         self.send(line.encode("utf-8") + b"\r\n")
         return self.reply()
+
+    def to_data(self, sender: str = "a@example.com", rcpt: str = "b@example.com") -> str:
+        """MAIL, one RCPT and DATA; returns the reply to DATA."""
+        self.cmd("MAIL FROM:<%s>" % sender)
+        self.cmd("RCPT TO:<%s>" % rcpt)
+        return self.cmd("DATA")
 
     def starttls(self, context: ssl.SSLContext) -> None:
         """Upgrade after a 220 to STARTTLS."""

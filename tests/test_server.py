@@ -61,9 +61,7 @@ def test_3_1_ipv4_mapped_peer_is_compared_as_ipv4(relay_factory):
     with Talk(relay.port, host="127.0.0.1") as t:
         assert t.reply().startswith("220 ")
         t.cmd("EHLO x")
-        t.cmd("MAIL FROM:<a@example.com>")
-        t.cmd("RCPT TO:<b@example.com>")
-        t.cmd("DATA")
+        t.to_data()
         assert t.cmd("x\r\n.").startswith("250 ")
     (meta, message), = outbox_messages(relay.outbox)
     assert meta["peer"] == "127.0.0.1"
@@ -165,9 +163,7 @@ def test_7_200_concurrent_clients(relay_factory):
 
 def test_6_stop_sends_421_to_idle_sessions(relay_factory):
     relay = relay_factory()
-    with Talk(relay.port) as t:
-        t.reply()
-        t.cmd("EHLO x")
+    with Talk(relay.port, ehlo="x") as t:
         relay.stop(timeout=5)
         assert t.reply() == "421 4.3.2 Shutting down"
         assert t.closed()
@@ -178,9 +174,7 @@ def test_6_stop_sends_421_to_idle_sessions(relay_factory):
 
 def test_6_stop_lets_a_message_in_data_finish(relay_factory):
     relay = relay_factory()
-    with Talk(relay.port) as t:
-        t.reply()
-        t.cmd("EHLO x")
+    with Talk(relay.port, ehlo="x") as t:
         t.cmd("MAIL FROM:<a@example.com>")
         t.cmd("RCPT TO:<b@example.com>")
         assert t.cmd("DATA").startswith("354 ")
@@ -281,9 +275,7 @@ def test_3_2_internal_error_is_421_and_logged(relay_factory, caplog, capsys):
 def test_6_refusals_are_logged_as_warnings_with_reasons(relay_factory, caplog):
     caplog.set_level(logging.DEBUG, logger="smtprelay")
     relay = relay_factory(allowed_recipients=r"@example\.com$")
-    with Talk(relay.port) as t:
-        t.reply()
-        t.cmd("EHLO x")
+    with Talk(relay.port, ehlo="x") as t:
         t.cmd("MAIL FROM:<a@example.com>")
         t.cmd("RCPT TO:<b@elsewhere.test>")
         t.cmd("QUIT")
@@ -315,12 +307,8 @@ def test_3_2_smtp_error_becomes_its_reply(relay_factory):
     refusing = Relay(relay.settings, delivery=_RefusingDelivery())
     refusing.start()
     try:
-        with Talk(refusing.addresses[0][2]) as t:
-            t.reply()
-            t.cmd("EHLO x")
-            t.cmd("MAIL FROM:<a@example.com>")
-            t.cmd("RCPT TO:<b@example.com>")
-            t.cmd("DATA")
+        with Talk(refusing.addresses[0][2], ehlo="x") as t:
+            t.to_data()
             assert t.cmd("x\r\n.") == "554 5.7.1 Refused by policy"
             assert t.cmd("NOOP") == "250 2.0.0 OK"
     finally:

@@ -156,18 +156,14 @@ def test_3_2_mail_bad_parameter_value_is_501(ready, params):
 
 def test_3_2_mail_size_too_big_is_552(relay_factory):
     relay = relay_factory(max_message_size="1000")
-    with Talk(relay.port) as t:
-        t.reply()
-        t.cmd("EHLO x")
+    with Talk(relay.port, ehlo="x") as t:
         assert t.cmd("MAIL FROM:<a@example.com> SIZE=1001").startswith("552 5.3.4 ")
         assert t.cmd("MAIL FROM:<a@example.com> SIZE=1000") == "250 2.1.0 OK"
 
 
 def test_3_2_mail_sender_not_allowed_is_553(relay_factory):
     relay = relay_factory(allowed_sender=r"@example\.com$")
-    with Talk(relay.port) as t:
-        t.reply()
-        t.cmd("EHLO x")
+    with Talk(relay.port, ehlo="x") as t:
         assert t.cmd("MAIL FROM:<a@evil.test>").startswith("553 5.7.1 ")
         assert t.cmd("MAIL FROM:<a@example.com>") == "250 2.1.0 OK"
 
@@ -177,9 +173,7 @@ def test_3_2_mail_quoted_local_part(ready):
 
 
 def test_3_2_mail_source_route_is_stripped(relay):
-    with Talk(relay.port) as t:
-        t.reply()
-        t.cmd("EHLO x")
+    with Talk(relay.port, ehlo="x") as t:
         assert t.cmd("MAIL FROM:<@a.test,@b.test:a@example.com>") == "250 2.1.0 OK"
         assert t.cmd("RCPT TO:<@hop.test:b@example.com>") == "250 2.1.5 OK"
         assert t.cmd("DATA").startswith("354 ")
@@ -239,9 +233,7 @@ def test_3_2_rcpt_parameters_are_refused(ready):
 
 def test_3_2_rcpt_not_allowed_is_550(relay_factory):
     relay = relay_factory(allowed_recipients=r"@example\.com$")
-    with Talk(relay.port) as t:
-        t.reply()
-        t.cmd("EHLO x")
+    with Talk(relay.port, ehlo="x") as t:
         t.cmd("MAIL FROM:<a@example.com>")
         assert t.cmd("RCPT TO:<b@elsewhere.test>") == "550 5.7.1 Recipient address not allowed"
         assert t.cmd("RCPT TO:<b@example.com>") == "250 2.1.5 OK"
@@ -249,9 +241,7 @@ def test_3_2_rcpt_not_allowed_is_550(relay_factory):
 
 def test_3_2_rcpt_without_a_route_is_550(relay_factory):
     relay = relay_factory(remotes=r"smtp://127.0.0.1:9?recipient=.*@example\.com")
-    with Talk(relay.port) as t:
-        t.reply()
-        t.cmd("EHLO x")
+    with Talk(relay.port, ehlo="x") as t:
         t.cmd("MAIL FROM:<a@example.com>")
         assert t.cmd("RCPT TO:<b@other.test>") == "550 5.7.1 No remote routes this recipient"
         assert t.cmd("RCPT TO:<b@EXAMPLE.com>") == "250 2.1.5 OK"
@@ -262,18 +252,14 @@ def test_3_2_rcpt_route_uses_aliases(relay_factory, tmp_path):
     aliases.write_text("printer@office.test ops@example.com\n")
     relay = relay_factory(remotes=r"smtp://127.0.0.1:9?recipient=.*@example\.com",
                           aliases_file=str(aliases))
-    with Talk(relay.port) as t:
-        t.reply()
-        t.cmd("EHLO x")
+    with Talk(relay.port, ehlo="x") as t:
         t.cmd("MAIL FROM:<a@example.com>")
         assert t.cmd("RCPT TO:<printer@office.test>") == "250 2.1.5 OK"
 
 
 def test_3_2_too_many_recipients_is_452(relay_factory):
     relay = relay_factory(max_recipients="3")
-    with Talk(relay.port) as t:
-        t.reply()
-        t.cmd("EHLO x")
+    with Talk(relay.port, ehlo="x") as t:
         t.cmd("MAIL FROM:<a@example.com>")
         for i in range(3):
             assert t.cmd("RCPT TO:<r%d@example.com>" % i) == "250 2.1.5 OK"
@@ -311,12 +297,8 @@ def test_3_2_data_with_arguments_is_501(ready):
 
 def test_3_2_data_too_big_is_552_and_the_session_continues(relay_factory):
     relay = relay_factory(max_message_size="1000")
-    with Talk(relay.port) as t:
-        t.reply()
-        t.cmd("EHLO x")
-        t.cmd("MAIL FROM:<a@example.com>")
-        t.cmd("RCPT TO:<b@example.com>")
-        t.cmd("DATA")
+    with Talk(relay.port, ehlo="x") as t:
+        t.to_data()
         t.send(b"x" * 5000 + b"\r\n")
         assert t.cmd(".") == "552 5.3.4 Message too big"
         assert t.cmd("MAIL FROM:<a@example.com>") == "250 2.1.0 OK"
@@ -328,12 +310,8 @@ def test_3_2_data_too_big_is_552_and_the_session_continues(relay_factory):
 
 def test_3_2_data_timeout_is_421(relay_factory):
     relay = relay_factory(data_timeout="1s")
-    with Talk(relay.port) as t:
-        t.reply()
-        t.cmd("EHLO x")
-        t.cmd("MAIL FROM:<a@example.com>")
-        t.cmd("RCPT TO:<b@example.com>")
-        t.cmd("DATA")
+    with Talk(relay.port, ehlo="x") as t:
+        t.to_data()
         t.send(b"Subject: slow\r\n")
         assert t.reply() == "421 4.4.2 Timeout"
         assert t.closed()
@@ -342,12 +320,8 @@ def test_3_2_data_timeout_is_421(relay_factory):
 
 def test_3_2_delivery_failure_reply_is_passed_on(relay_factory):
     relay = relay_factory(remotes="")
-    with Talk(relay.port) as t:
-        t.reply()
-        t.cmd("EHLO x")
-        t.cmd("MAIL FROM:<a@example.com>")
-        t.cmd("RCPT TO:<b@example.com>")
-        t.cmd("DATA")
+    with Talk(relay.port, ehlo="x") as t:
+        t.to_data()
         assert t.cmd("x\r\n.") == "554 5.3.5 No remote configured"
         assert t.cmd("NOOP") == "250 2.0.0 OK"
 

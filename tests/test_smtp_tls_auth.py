@@ -80,18 +80,14 @@ def test_3_2_starttls_twice_is_503(tls_relay, certs):
 
 
 def test_3_2_starttls_with_arguments_is_501(tls_relay):
-    with Talk(tls_relay().port) as t:
-        t.reply()
-        t.cmd("EHLO x")
+    with Talk(tls_relay().port, ehlo="x") as t:
         assert t.cmd("STARTTLS now").startswith("501 5.5.4 ")
 
 
 def test_3_2_starttls_injection_is_dropped(tls_relay, certs):
     """CVE-2011-0411: commands pipelined after STARTTLS never run under TLS."""
     relay = tls_relay()
-    with Talk(relay.port) as t:
-        t.reply()
-        t.cmd("EHLO x")
+    with Talk(relay.port, ehlo="x") as t:
         t.send(b"STARTTLS\r\nMAIL FROM:<evil@example.com>\r\nRCPT TO:<victim@example.com>\r\n")
         assert t.reply() == "220 2.0.0 Ready to start TLS"
         t.starttls(certs.client_context())
@@ -111,9 +107,7 @@ def test_3_2_starttls_with_smtplib(tls_relay, certs):
 
 def test_3_2_failed_starttls_handshake_closes(tls_relay):
     relay = tls_relay()
-    with Talk(relay.port) as t:
-        t.reply()
-        t.cmd("EHLO x")
+    with Talk(relay.port, ehlo="x") as t:
         t.cmd("STARTTLS")
         t.send(b"this is not a TLS client hello\r\n" * 10)
         assert t.closed()
@@ -202,9 +196,7 @@ def test_2_3_tls_profile_default_refuses_tls_1_0(tls_relay, certs):
 
 def test_3_2_forcetls_refuses_mail_and_auth_before_starttls(tls_relay, certs, users):
     relay = tls_relay(local_forcetls="true", allowed_users=users)
-    with Talk(relay.port) as t:
-        t.reply()
-        t.cmd("EHLO x")
+    with Talk(relay.port, ehlo="x") as t:
         assert t.cmd("MAIL FROM:<a@example.com>") == "530 5.7.0 Must issue a STARTTLS command first"
         assert t.cmd("AUTH PLAIN " + b64("\0alice\0" + PASSWORD)) == \
             "530 5.7.0 Must issue a STARTTLS command first"
@@ -233,9 +225,7 @@ def test_3_2_auth_advertised_only_under_tls(auth_relay, certs):
 
 
 def test_3_2_auth_before_tls_is_538(auth_relay):
-    with Talk(auth_relay.port) as t:
-        t.reply()
-        t.cmd("EHLO x")
+    with Talk(auth_relay.port, ehlo="x") as t:
         assert t.cmd("AUTH PLAIN " + b64("\0alice\0" + PASSWORD)).startswith("538 5.7.11 ")
 
 
