@@ -16,6 +16,8 @@ is held back.
 import re
 import socket
 import ssl
+import struct
+import sys
 import time
 from typing import Optional, Tuple
 
@@ -33,6 +35,14 @@ IDLE_SLICE = 1.0  # seconds; how often a blocked read checks for interrupt()
 # buffered, so a client that pipelines a flood of cheap commands cannot make
 # the relay hold megabytes of answers.
 MAX_HELD = 64 * 1024
+
+# On Linux a plain connection runs as a blocking socket whose kernel
+# timeouts (SO_RCVTIMEO, SO_SNDTIMEO) bound each recv and send: one system
+# call per operation. With settimeout(), CPython polls before every recv and
+# send, which doubles the system calls and the GIL hand-offs per message.
+# Windows leaves a socket undefined after such a timeout, and TLS sockets
+# need CPython's own timeout handling, so both keep settimeout().
+KERNEL_TIMEOUTS = sys.platform.startswith("linux")
 
 # The end of a message: a line holding only "." [R5321 4.1.1.4]. Only CRLF
 # counts as a line end here; a dot framed by bare LF or CR is content
@@ -87,6 +97,12 @@ class Wire:
         # settimeout() is a system call (an ioctl) and the read and write
         # timeouts alternate for every command: only call it on a change.
         self._timeout: Optional[float] = sock.gettimeout()
+        # See KERNEL_TIMEOUTS; the kernel timeouts last set, by option.
+        self._kernel_timeouts = KERNEL_TIMEOUTS and not isinstance(sock, ssl.SSLSocket)
+        self._kernel_limits = {}
+        if self._kernel_timeouts and self._timeout is not None:
+            sock.settimeout(None)
+            self._timeout = None
 
     # ---- reading ---------------------------------------------------------
 
@@ -200,7 +216,7 @@ class Wire:
             self._wait_turn(deadline)
             try:
                 chunk = self.sock.recv(size)
-            except socket.timeout:
+            except (socket.timeout, BlockingIOError):  # BlockingIOError: SO_RCVTIMEO expired
                 continue
             except OSError as exc:
                 raise Closed(str(exc)) from exc
@@ -216,12 +232,24 @@ class Wire:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise Timeout("read")
-        self._set_timeout(min(remaining, IDLE_SLICE))
+        if self._kernel_timeouts:
+            self._set_kernel_limit(socket.SO_RCVTIMEO, min(remaining, IDLE_SLICE))
+        else:
+            self._set_timeout(min(remaining, IDLE_SLICE))
 
     def _set_timeout(self, seconds: float) -> None:
         if seconds != self._timeout:
             self.sock.settimeout(seconds)
             self._timeout = seconds
+
+    def _set_kernel_limit(self, option: int, seconds: float) -> None:
+        """Set SO_RCVTIMEO or SO_SNDTIMEO when it changes (struct timeval)."""
+        if self._kernel_limits.get(option) != seconds:
+            whole = int(seconds)
+            # At least 1 microsecond: a zero timeval would mean "wait forever".
+            micro = max(int((seconds - whole) * 1e6), 0 if whole else 1)
+            self.sock.setsockopt(socket.SOL_SOCKET, option, struct.pack("@ll", whole, micro))
+            self._kernel_limits[option] = seconds
 
     # ---- writing ---------------------------------------------------------
 
@@ -248,29 +276,54 @@ class Wire:
         data = b"".join(self._out) if len(self._out) > 1 else self._out[0]
         self._out = []
         self._held = 0
-        started = time.monotonic()
         try:
-            if self._timeout and self._timeout <= self.write_timeout:
-                # The socket still carries the read slice, which is within
-                # the write limit: try one send() without changing it (saves
-                # two settimeout calls per reply). A batch of replies nearly
-                # always fits the socket buffer at once.
-                try:
-                    sent = self.sock.send(data)
-                except socket.timeout:
-                    sent = 0  # the client is not reading: wait the full limit below
-                if sent == len(data):
-                    return
-                data = data[sent:]
-            remaining = self.write_timeout - (time.monotonic() - started)
-            if remaining <= 0:
-                raise Timeout("write")
-            self._set_timeout(remaining)
-            self.sock.sendall(data)
+            if self._kernel_timeouts:
+                self._send_kernel_timed(data)
+            else:
+                self._send_polled(data)
         except socket.timeout as exc:
             raise Timeout("write") from exc
         except OSError as exc:
             raise Closed(str(exc)) from exc
+
+    def _send_kernel_timed(self, data: bytes) -> None:
+        """Send on a blocking socket, each send() bounded by SO_SNDTIMEO."""
+        deadline = time.monotonic() + self.write_timeout
+        limit = self.write_timeout
+        view = memoryview(data)
+        while True:
+            self._set_kernel_limit(socket.SO_SNDTIMEO, limit)
+            try:
+                sent = self.sock.send(view)
+            except BlockingIOError:  # SO_SNDTIMEO expired
+                raise Timeout("write") from None
+            if sent == len(view):
+                return
+            view = view[sent:]
+            limit = deadline - time.monotonic()
+            if limit <= 0:
+                raise Timeout("write")
+
+    def _send_polled(self, data: bytes) -> None:
+        """Send under settimeout(), within write_timeout in total."""
+        started = time.monotonic()
+        if self._timeout and self._timeout <= self.write_timeout:
+            # The socket still carries the read slice, which is within
+            # the write limit: try one send() without changing it (saves
+            # two settimeout calls per reply). A batch of replies nearly
+            # always fits the socket buffer at once.
+            try:
+                sent = self.sock.send(data)
+            except socket.timeout:
+                sent = 0  # the client is not reading: wait the full limit below
+            if sent == len(data):
+                return
+            data = data[sent:]
+        remaining = self.write_timeout - (time.monotonic() - started)
+        if remaining <= 0:
+            raise Timeout("write")
+        self._set_timeout(remaining)
+        self.sock.sendall(data)
 
     # ---- TLS and lifecycle -------------------------------------------------
 
@@ -287,6 +340,7 @@ class Wire:
         self.flush()
         dropped = len(self._buf)
         self._buf = bytearray()
+        self._kernel_timeouts = False  # see KERNEL_TIMEOUTS: TLS needs CPython's timeouts
         self._set_timeout(self.read_timeout)
         try:
             self.sock = context.wrap_socket(self.sock, server_side=True)
