@@ -28,6 +28,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from relay_lib import config, logs
+from smtp_talk import Talk
 
 
 # -- certificates --------------------------------------------------------
@@ -194,6 +195,27 @@ def relay_log(caplog, monkeypatch):
     monkeypatch.setattr(logs.log, "level", logging.NOTSET)
     caplog.set_level(1)
     return caplog
+
+
+@pytest.fixture
+def relay(relay_factory):
+    """A relay with the default options."""
+    return relay_factory()
+
+
+@pytest.fixture
+def talk(relay):
+    """A raw client to `relay`, past the greeting."""
+    with Talk(relay.port) as t:
+        assert t.reply().startswith("220 ")
+        yield t
+
+
+@pytest.fixture
+def ready(talk):
+    """A raw client to `relay`, past EHLO."""
+    assert talk.cmd("EHLO client.test").startswith("250-relay.test")
+    return talk
 
 
 def outbox_messages(folder):

@@ -40,11 +40,26 @@ def run_swaks(port, *extra):
                 "--to", "b@example.com", "--helo", "swaks.test", "--timeout", "10"] + list(extra))
 
 
+def swaks_ok(port, *extra):
+    """Run swaks, which must succeed; returns its transcript."""
+    code, out = run_swaks(port, *extra)
+    assert code == 0, out
+    return out
+
+
+def curl_ok(tmp_path, url, body, *extra):
+    """Send `body` from a@example.com to b@example.com with curl, which must succeed."""
+    mail = tmp_path / "mail.txt"
+    mail.write_bytes(body)
+    code, out = run(["curl", "-sS", "--max-time", "10", url, "--mail-from", "a@example.com",
+                     "--mail-rcpt", "b@example.com", "--upload-file", str(mail)] + list(extra))
+    assert code == 0, out
+
+
 @swaks
 def test_3_swaks_plain(relay_factory):
     relay = relay_factory()
-    code, out = run_swaks(relay.port)
-    assert code == 0, out
+    out = swaks_ok(relay.port)
     assert "250 2.0.0 OK" in out
     (meta, message), = outbox_messages(relay.outbox)
     assert meta["helo"] == "swaks.test" and meta["to"] == ["b@example.com"]
@@ -53,16 +68,14 @@ def test_3_swaks_plain(relay_factory):
 @swaks
 def test_3_swaks_pipeline(relay_factory):
     relay = relay_factory()
-    code, out = run_swaks(relay.port, "--pipeline")
-    assert code == 0, out
+    swaks_ok(relay.port, "--pipeline")
     assert len(outbox_messages(relay.outbox)) == 1
 
 
 @swaks
 def test_3_swaks_starttls(tls_relay):
     relay = tls_relay()
-    code, out = run_swaks(relay.starttls_port, "--tls")
-    assert code == 0, out
+    out = swaks_ok(relay.starttls_port, "--tls")
     assert "220 2.0.0 Ready to start TLS" in out
     (meta, _), = outbox_messages(relay.outbox)
     assert meta["tls"] is True
@@ -71,8 +84,7 @@ def test_3_swaks_starttls(tls_relay):
 @swaks
 def test_3_swaks_implicit_tls(tls_relay):
     relay = tls_relay()
-    code, out = run_swaks(relay.tls_port, "--tlsc")
-    assert code == 0, out
+    swaks_ok(relay.tls_port, "--tlsc")
     assert len(outbox_messages(relay.outbox)) == 1
 
 
@@ -80,9 +92,8 @@ def test_3_swaks_implicit_tls(tls_relay):
 @pytest.mark.parametrize("mechanism", ["PLAIN", "LOGIN"])
 def test_3_swaks_auth(tls_relay, mechanism):
     relay = tls_relay(users=True)
-    code, out = run_swaks(relay.starttls_port, "--tls", "--auth", mechanism,
-                          "--auth-user", "alice", "--auth-password", PASSWORD)
-    assert code == 0, out
+    out = swaks_ok(relay.starttls_port, "--tls", "--auth", mechanism,
+                   "--auth-user", "alice", "--auth-password", PASSWORD)
     assert "235 2.7.0 Authentication successful" in out
     (meta, _), = outbox_messages(relay.outbox)
     assert meta["username"] == "alice"
@@ -101,12 +112,8 @@ def test_3_swaks_auth_wrong_password(tls_relay):
 @curl
 def test_3_curl_smtp(relay_factory, tmp_path):
     relay = relay_factory()
-    mail = tmp_path / "mail.txt"
-    mail.write_bytes(b"Subject: from curl\r\n\r\n.a line that starts with a dot\r\n")
-    code, out = run(["curl", "-sS", "--max-time", "10", "smtp://127.0.0.1:%d" % relay.port,
-                     "--mail-from", "a@example.com", "--mail-rcpt", "b@example.com",
-                     "--upload-file", str(mail)])
-    assert code == 0, out
+    curl_ok(tmp_path, "smtp://127.0.0.1:%d" % relay.port,
+            b"Subject: from curl\r\n\r\n.a line that starts with a dot\r\n")
     (_, message), = outbox_messages(relay.outbox)
     assert message.endswith(b"Subject: from curl\r\n\r\n.a line that starts with a dot\r\n")
 
@@ -114,13 +121,8 @@ def test_3_curl_smtp(relay_factory, tmp_path):
 @curl
 def test_3_curl_smtps_with_auth(tls_relay, certs, tmp_path):
     relay = tls_relay(users=True)
-    mail = tmp_path / "mail.txt"
-    mail.write_bytes(b"Subject: from curl\r\n\r\nhello\r\n")
-    code, out = run(["curl", "-sS", "--max-time", "10", "--cacert", certs.ca_path,
-                     "smtps://localhost:%d" % relay.tls_port, "--user", "alice:" + PASSWORD,
-                     "--mail-from", "a@example.com", "--mail-rcpt", "b@example.com",
-                     "--upload-file", str(mail)])
-    assert code == 0, out
+    curl_ok(tmp_path, "smtps://localhost:%d" % relay.tls_port, b"Subject: from curl\r\n\r\nhello\r\n",
+            "--cacert", certs.ca_path, "--user", "alice:" + PASSWORD)
     (meta, _), = outbox_messages(relay.outbox)
     assert meta["username"] == "alice" and meta["tls"] is True
 
@@ -128,12 +130,7 @@ def test_3_curl_smtps_with_auth(tls_relay, certs, tmp_path):
 @curl
 def test_3_curl_starttls_required(tls_relay, certs, tmp_path):
     relay = tls_relay()
-    mail = tmp_path / "mail.txt"
-    mail.write_bytes(b"Subject: x\r\n\r\nhello\r\n")
-    code, out = run(["curl", "-sS", "--max-time", "10", "--ssl-reqd", "--cacert", certs.ca_path,
-                     "smtp://localhost:%d" % relay.starttls_port,
-                     "--mail-from", "a@example.com", "--mail-rcpt", "b@example.com",
-                     "--upload-file", str(mail)])
-    assert code == 0, out
+    curl_ok(tmp_path, "smtp://localhost:%d" % relay.starttls_port, b"Subject: x\r\n\r\nhello\r\n",
+            "--ssl-reqd", "--cacert", certs.ca_path)
     (meta, _), = outbox_messages(relay.outbox)
     assert meta["tls"] is True

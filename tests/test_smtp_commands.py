@@ -12,26 +12,6 @@ from conftest import outbox_messages
 from smtp_talk import Talk
 
 
-@pytest.fixture
-def relay(relay_factory):
-    return relay_factory()
-
-
-@pytest.fixture
-def talk(relay):
-    """A raw client past the greeting."""
-    with Talk(relay.port) as t:
-        assert t.reply().startswith("220 ")
-        yield t
-
-
-@pytest.fixture
-def ready(talk):
-    """A raw client past EHLO."""
-    assert talk.cmd("EHLO client.test").startswith("250-relay.test")
-    return talk
-
-
 # -- 3.1 greeting ---------------------------------------------------------
 
 def test_3_1_greeting_uses_welcome_msg(relay_factory):

@@ -10,19 +10,6 @@ from conftest import outbox_messages
 from smtp_talk import Talk
 
 
-@pytest.fixture
-def relay(relay_factory):
-    return relay_factory()
-
-
-@pytest.fixture
-def ready(relay):
-    with Talk(relay.port) as t:
-        assert t.reply().startswith("220 ")
-        assert t.cmd("EHLO client.test").startswith("250-")
-        yield t
-
-
 def start_data(t):
     assert t.cmd("MAIL FROM:<a@example.com>") == "250 2.1.0 OK"
     assert t.cmd("RCPT TO:<b@example.com>") == "250 2.1.5 OK"
