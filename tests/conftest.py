@@ -581,23 +581,40 @@ class _WebhookHandler(BaseHTTPRequestHandler):
 
 
 @pytest.fixture
-def webhook():
-    """A real HTTP scanner on loopback. Script it with
+def webhook_factory():
+    """Start real HTTP scanners on loopback; with an ssl `context`, HTTPS on
+    https://localhost. Script one with
     `webhook.script = lambda request: (status, answer, delay)`; answer is a
     dict (sent as JSON), bytes (sent as is) or None (empty body).
     `webhook.requests` records each call (headers, body, json)."""
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _WebhookHandler)
-    server.daemon_threads = True
-    server.requests = []
-    server.script = lambda request: (200, {"action": "accept"}, 0)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
-                              name="test-webhook", daemon=True)
-    thread.start()
-    server.url = "http://127.0.0.1:%d/scan" % server.server_address[1]
-    yield server
-    server.shutdown()
-    server.server_close()
-    thread.join(5)
+    started = []
+
+    def factory(context=None):
+        server = ThreadingHTTPServer(("127.0.0.1", 0), _WebhookHandler)
+        server.daemon_threads = True
+        server.requests = []
+        server.script = lambda request: (200, {"action": "accept"}, 0)
+        if context is not None:
+            server.socket = context.wrap_socket(server.socket, server_side=True)
+        thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
+                                  name="test-webhook", daemon=True)
+        thread.start()
+        started.append((server, thread))
+        server.url = "%s://%s:%d/scan" % ("https" if context else "http",
+                                          "localhost" if context else "127.0.0.1", server.server_address[1])
+        return server
+
+    yield factory
+    for server, thread in started:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+
+
+@pytest.fixture
+def webhook(webhook_factory):
+    """A plain-HTTP scanner from `webhook_factory`."""
+    return webhook_factory()
 
 
 # -- the relay as a separate process ------------------------------------------

@@ -10,8 +10,8 @@ import time
 
 import pytest
 
-from relay_lib.delivery import Delivery, received_header
 from conftest import free_port, make_ca_and_leaf
+from relay_lib.delivery import Delivery, received_header
 from test_delivery_kit import BODY, deliver_once, envelope, ipv6_loopback_works, settings_for
 
 PASSWORD = "s3cr:t@p w"
@@ -23,6 +23,21 @@ def trust_test_ca(certs, monkeypatch):
     """Make the test CA the system trust store (OpenSSL honours SSL_CERT_FILE)."""
     monkeypatch.setenv("SSL_CERT_FILE", certs.ca_path)
     monkeypatch.delenv("SSL_CERT_DIR", raising=False)
+
+
+def assert_forwarded_over_tls(tmp_path, d, url):
+    """One message through remote `url` reaches the downstream `d` over TLS."""
+    reply, _ = deliver_once(tmp_path, remotes=url)
+    assert reply.code == 250
+    assert d.box[0].tls
+
+
+def assert_not_forwarded(tmp_path, d, url):
+    """One message through remote `url` gets 451 and never reaches the downstream `d`."""
+    before = len(d.box)
+    reply, _ = deliver_once(tmp_path, remotes=url)
+    assert str(reply) == "451 4.4.1 Forwarding failed, try again later"
+    assert len(d.box) == before
 
 
 # -- 5.1 schemes and parameters ----------------------------------------------
@@ -48,16 +63,12 @@ def test_5_3_smtp_plain_forwards_bytes_exactly_plus_one_received_header(tmp_path
 
 def test_5_1_smtp_upgrades_with_starttls_when_offered(tmp_path, sink_factory, trust_test_ca):
     d = sink_factory("starttls")
-    reply, _ = deliver_once(tmp_path, remotes=d.url("smtp"))
-    assert reply.code == 250
-    assert d.box[0].tls
+    assert_forwarded_over_tls(tmp_path, d, d.url("smtp"))
 
 
 def test_5_1_smtp_starttls_with_untrusted_certificate_is_451(tmp_path, sink_factory):
     d = sink_factory("starttls")
-    reply, _ = deliver_once(tmp_path, remotes=d.url("smtp"))
-    assert str(reply) == "451 4.4.1 Forwarding failed, try again later"
-    assert d.box == []
+    assert_not_forwarded(tmp_path, d, d.url("smtp"))
 
 
 @pytest.mark.parametrize("scheme,mode,query", [
@@ -68,41 +79,32 @@ def test_5_1_smtp_starttls_with_untrusted_certificate_is_451(tmp_path, sink_fact
 ], ids=["smtp", "starttls", "tls", "smtps"])
 def test_5_1_skipverify_accepts_an_untrusted_certificate(tmp_path, sink_factory, scheme, mode, query):
     d = sink_factory(mode)
-    reply, _ = deliver_once(tmp_path, remotes=d.url(scheme, query=query))
-    assert reply.code == 250
-    assert d.box[0].tls
+    assert_forwarded_over_tls(tmp_path, d, d.url(scheme, query=query))
 
 
 def test_5_1_starttls_scheme_fails_when_starttls_not_offered(tmp_path, sink_factory):
     d = sink_factory("plain")
-    reply, _ = deliver_once(tmp_path, remotes=d.url("starttls"))
-    assert str(reply) == "451 4.4.1 Forwarding failed, try again later"
-    assert d.box == []
+    assert_not_forwarded(tmp_path, d, d.url("starttls"))
 
 
 @pytest.mark.parametrize("scheme,mode", [("starttls", "starttls"), ("tls", "tls"), ("smtps", "tls")])
 def test_5_1_tls_schemes_verify_against_the_trust_store(tmp_path, sink_factory, trust_test_ca,
                                                         scheme, mode):
     d = sink_factory(mode)
-    reply, _ = deliver_once(tmp_path, remotes=d.url(scheme))
-    assert reply.code == 250
-    assert d.box[0].tls
+    assert_forwarded_over_tls(tmp_path, d, d.url(scheme))
 
 
 @pytest.mark.parametrize("scheme,mode", [("tls", "tls"), ("starttls", "starttls")])
 def test_5_1_tls_schemes_without_trust_fail_451(tmp_path, sink_factory, scheme, mode):
     d = sink_factory(mode)
-    reply, _ = deliver_once(tmp_path, remotes=d.url(scheme))
-    assert str(reply) == "451 4.4.1 Forwarding failed, try again later"
+    assert_not_forwarded(tmp_path, d, d.url(scheme))
 
 
 def test_5_1_host_name_is_verified(tmp_path, sink_factory, certs, monkeypatch):
     ca, cert, key = make_ca_and_leaf(str(tmp_path), ["wrong.test"])
     monkeypatch.setenv("SSL_CERT_FILE", ca)  # the chain is trusted, only the name is wrong
     d = sink_factory("tls", context=certs.server_context(cert, key))
-    reply, _ = deliver_once(tmp_path, remotes=d.url("tls"))
-    assert str(reply) == "451 4.4.1 Forwarding failed, try again later"
-    assert d.box == []
+    assert_not_forwarded(tmp_path, d, d.url("tls"))
     reply, _ = deliver_once(tmp_path, remotes=d.url("tls", query="skipVerify"))
     assert reply.code == 250
 
@@ -143,17 +145,14 @@ def _non_loopback_address():
 @pytest.mark.skipif(_non_loopback_address() is None, reason="no non-loopback interface")
 def test_5_1_no_password_in_the_clear_over_a_network(tmp_path, sink_factory):
     d = sink_factory(auth={"app1": PASSWORD}, host=_non_loopback_address())
-    reply, _ = deliver_once(tmp_path, remotes=d.url(userinfo="app1:" + PASSWORD_URL))
-    assert str(reply) == "451 4.4.1 Forwarding failed, try again later"
+    assert_not_forwarded(tmp_path, d, d.url(userinfo="app1:" + PASSWORD_URL))
     assert d.handler.mechanisms == [] and d.box == []
 
 
 @pytest.mark.parametrize("query", ["", "auth=login"], ids=["plain", "login"])
 def test_4_1_remote_auth_failure_is_451_not_535(tmp_path, sink_factory, query):
     d = sink_factory(auth={"app1": PASSWORD})
-    reply, _ = deliver_once(tmp_path, remotes=d.url(userinfo="app1:wrong", query=query))
-    assert str(reply) == "451 4.4.1 Forwarding failed, try again later"
-    assert d.box == []
+    assert_not_forwarded(tmp_path, d, d.url(userinfo="app1:wrong", query=query))
 
 
 def test_5_1_sender_path_replaces_the_envelope_sender(tmp_path, sink_factory):
@@ -184,8 +183,7 @@ def test_5_3_client_certificate_from_remote_certificate(tmp_path, sink_factory, 
     reply, _ = deliver_once(tmp_path, remotes=d.url("tls"), remote_certificate=certs.client_cert_path,
                             remote_key=certs.client_key_path)
     assert reply.code == 250
-    reply, _ = deliver_once(tmp_path, remotes=d.url("tls"))
-    assert str(reply) == "451 4.4.1 Forwarding failed, try again later"
+    assert_not_forwarded(tmp_path, d, d.url("tls"))
     assert len(d.box) == 1
 
 
@@ -329,9 +327,7 @@ def test_5_3_partial_recipient_refusal_fails_the_message(tmp_path, sink_factory,
 def test_5_3_recipient_4xx_is_451(tmp_path, sink_factory, pipelining):
     d = sink_factory(pipelining=pipelining)
     d.handler.rcpt_reply["b@example.org"] = "450 4.2.0 Mailbox busy"
-    reply, _ = deliver_once(tmp_path, remotes=d.url())
-    assert str(reply) == "451 4.4.1 Forwarding failed, try again later"
-    assert d.box == []
+    assert_not_forwarded(tmp_path, d, d.url())
 
 
 @pytest.mark.parametrize("pipelining", [False, True], ids=["serial", "pipelined"])

@@ -3,14 +3,12 @@
 import base64
 import hashlib
 import hmac
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from relay_lib.delivery import Delivery, received_header
 from conftest import Trickle, free_port
+from relay_lib.delivery import Delivery, received_header
 from test_delivery_kit import BODY, envelope, settings_for
 
 SCAN_UNAVAILABLE = "451 4.3.0 Message scan unavailable, try again later"
@@ -172,32 +170,9 @@ def test_4_2_scanner_sees_aliased_recipients(tmp_path, sink, webhook):
     assert webhook.requests[0].json["to"] == ["real@example.net"]
 
 
-class _Accepting(BaseHTTPRequestHandler):
-    def do_POST(self):
-        self.rfile.read(int(self.headers["Content-Length"]))
-        self.server.calls += 1
-        body = b'{"action": "accept"}'
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, fmt, *args):
-        pass
-
-
 @pytest.fixture
-def https_webhook(certs):
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Accepting)
-    server.calls = 0
-    server.socket = certs.server_context().wrap_socket(server.socket, server_side=True)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    server.url = "https://localhost:%d/scan" % server.server_address[1]
-    yield server
-    server.shutdown()
-    server.server_close()
-    thread.join(5)
+def https_webhook(webhook_factory, certs):
+    return webhook_factory(certs.server_context())
 
 
 def test_4_2_https_webhook_verified_against_the_trust_store(tmp_path, sink, https_webhook, certs,
@@ -207,4 +182,4 @@ def test_4_2_https_webhook_verified_against_the_trust_store(tmp_path, sink, http
     monkeypatch.setenv("SSL_CERT_FILE", certs.ca_path)
     reply, _, _ = run(tmp_path, sink, https_webhook.url)
     assert reply.code == 250
-    assert https_webhook.calls == 1 and len(sink.box) == 1
+    assert len(https_webhook.requests) == 1 and len(sink.box) == 1
