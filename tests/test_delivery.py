@@ -8,7 +8,7 @@ import time
 from datetime import datetime, timezone
 
 from relay_lib.delivery import Delivery, received_header
-from test_delivery_kit import BODY, deliver_once, envelope, settings_for
+from delivery_kit import BODY, deliver_once, envelope, settings_for
 
 
 def command_line(tmp_path, code, sleep=0.0):

@@ -12,7 +12,7 @@ import pytest
 
 from conftest import free_port, make_ca_and_leaf
 from relay_lib.delivery import Delivery, received_header
-from test_delivery_kit import BODY, deliver_once, envelope, ipv6_loopback_works, settings_for
+from delivery_kit import BODY, deliver_once, envelope, ipv6_loopback_works, settings_for
 
 PASSWORD = "s3cr:t@p w"
 PASSWORD_URL = "s3cr%3At%40p%20w"

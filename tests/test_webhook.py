@@ -9,7 +9,7 @@ import pytest
 
 from conftest import Trickle, free_port
 from relay_lib.delivery import Delivery, received_header
-from test_delivery_kit import BODY, envelope, settings_for
+from delivery_kit import BODY, envelope, settings_for
 
 SCAN_UNAVAILABLE = "451 4.3.0 Message scan unavailable, try again later"
 
