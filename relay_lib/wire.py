@@ -173,17 +173,30 @@ class Wire:
         data += self._buf
         self._buf.clear()
         dropped = 0  # octets received and discarded past max_size
+        stuffed = False  # a line before the end starts with a dot
         scan = 0
         while True:
-            end = data.find(_END_OF_DATA, scan)
-            if end >= 0:
-                break
+            # Every CRLF followed by a dot either ends the message (a line
+            # of just ".") or starts a dot-stuffed line [R5321 4.5.2]: one
+            # search finds both, so the body is scanned once for them.
+            hit = data.find(b"\r\n.", scan)
+            if 0 <= hit <= len(data) - 5:
+                if data.startswith(b"\r\n", hit + 3):
+                    end = hit
+                    break
+                stuffed = True
+                scan = hit + 3
+                continue
+            # Undecided: wait for more bytes, then search again from the hit
+            # or from where a "\r\n." split by the read could begin.
             if (dropped or len(data) - 2 > max_size) and len(data) > 4:
                 # Too big: keep only a tail long enough to hold a split
                 # terminator, so memory stays bounded whatever the client sends.
                 dropped += len(data) - 4
                 del data[:-4]
-            scan = max(0, len(data) - 4)
+                scan = 0
+            else:
+                scan = hit if hit >= 0 else max(0, len(data) - 2)
             data += self._receive(deadline, DATA_RECV_SIZE)
         self._buf = data[end + 5:]  # pipelined commands after the dot
         if dropped:
@@ -194,10 +207,10 @@ class Wire:
         crlf = data.count(b"\r\n", 2, stop)
         bare_eol = crlf != data.count(b"\n", 2, stop) or crlf != data.count(b"\r", 2, stop)
         with memoryview(data) as view:
-            if data.find(b"\r\n.", 0, stop) < 0:
-                body = bytes(view[2:stop])  # the usual case: the one copy
-            else:
+            if stuffed:
                 body = bytes(view[:stop]).replace(b"\r\n.", b"\r\n")[2:]
+            else:
+                body = bytes(view[2:stop])  # the usual case: the one copy
         size = len(body)
         if size > max_size:  # the whole message came in before the check above
             return None, size
