@@ -13,6 +13,8 @@ import select
 import smtplib
 import socket
 import ssl
+import struct
+import sys
 import tempfile
 import threading
 import time
@@ -160,10 +162,10 @@ def route(remotes: Tuple[Remote, ...], sender: str, rcpts, strict_sender: bool):
 #
 # Strategy: `Dispatcher.send` runs one SMTP transaction on an smtplib
 # connection taken from a small per-remote pool of connections that already
-# did EHLO, STARTTLS and AUTH. A reused connection first passes a zero-wait
-# readability check (a closed or timed-out connection is readable: EOF or an
-# unsolicited 421), and its transaction starts with RSET. When the remote
-# advertises PIPELINING [R2920], RSET/MAIL/RCPT/DATA go out in one write and
+# did EHLO, STARTTLS and AUTH. A reused connection idle for more than
+# TRUST_RECENT seconds first passes a zero-wait readability check (a closed or
+# timed-out connection is readable: EOF or an unsolicited 421). When the remote
+# advertises PIPELINING [R2920], MAIL/RCPT/DATA go out in one write and
 # the replies are read in order; otherwise one command at a time. Both paths
 # judge the replies with the same code and stop at the first failure, and
 # every failure closes the connection instead of returning it to the pool.
@@ -173,6 +175,9 @@ def route(remotes: Tuple[Remote, ...], sender: str, rcpts, strict_sender: bool):
 # ---------------------------------------------------------------------------
 
 _DOT_LINE = re.compile(rb"(?m)^\.")
+# Plain connections on Linux: kernel send/receive timeouts, as in wire.py.
+KERNEL_TIMEOUTS = sys.platform.startswith("linux")
+TRUST_RECENT = 2.0  # seconds since its last use in which a pooled connection skips the liveness check
 _QUIT_TIMEOUT = 2.0  # seconds to hand a QUIT to the kernel when closing
 _REPLY_TEXT_MAX = 300  # characters of a remote reply kept; a reply line stays under 512 [R5321 4.5.3.1.5]
 _ENHANCED_CODE = re.compile(r"^[245]\.\d{1,3}\.\d{1,3}$")  # [R3463 2]
@@ -345,6 +350,8 @@ class Dispatcher:
         except BaseException:
             smtp.close()
             raise
+        if KERNEL_TIMEOUTS and not isinstance(smtp.sock, ssl.SSLSocket):
+            _use_kernel_timeouts(smtp.sock, self.timeout)
         return _Conn(smtp)
 
     def _checkout(self, remote: Remote) -> Optional[_Conn]:
@@ -356,7 +363,10 @@ class Dispatcher:
                 conn = stack.pop() if stack else None
             if conn is None:
                 return None
-            if time.monotonic() - conn.last_used <= self.pool_idle and conn.looks_alive():
+            idle = time.monotonic() - conn.last_used
+            # A connection used a moment ago is taken on trust (saves a
+            # system call per message); if it died after all, send() retries.
+            if idle <= TRUST_RECENT or (idle <= self.pool_idle and conn.looks_alive()):
                 return conn
             conn.close()
 
@@ -388,6 +398,17 @@ class Dispatcher:
                     stack[:] = keep
             for conn in expired:
                 conn.close(polite=True)
+
+
+def _use_kernel_timeouts(sock: socket.socket, seconds: float) -> None:
+    """Bound each send and recv by the kernel instead of a poll() before each
+    (see wire.KERNEL_TIMEOUTS); an expired wait ends the connection."""
+    whole = int(seconds)
+    micro = max(int((seconds - whole) * 1e6), 0 if whole else 1)  # a zero timeval waits forever
+    timeval = struct.pack("@ll", whole, micro)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
+    sock.settimeout(None)
 
 
 def _is_loopback(host: str) -> bool:
@@ -449,22 +470,21 @@ def _transaction(conn: _Conn, sender: str, rcpts: List[str], message: bytes, reu
     steps = [("MAIL", b"MAIL FROM:" + _address(sender) + b"".join(options) + b"\r\n", sender)]
     steps.extend(("RCPT", b"RCPT TO:" + _address(r) + b"\r\n", r) for r in rcpts)
     steps.append(("DATA", b"DATA\r\n", None))
-    if reused:
-        steps.insert(0, ("RSET", b"RSET\r\n", None))
+    # No RSET on a reused connection: only connections whose last transaction
+    # ended in 2xx go back to the pool, and that leaves no state [R5321 4.1.4].
+    # A connection found dead at MAIL was never given the message: retry it.
     if conn.pipelining:
         _write(smtp, b"".join(cmd for _, cmd, _ in steps), stale_ok=reused)
     for verb, cmd, arg in steps:
+        first = verb == "MAIL"
         if not conn.pipelining:
-            _write(smtp, cmd, stale_ok=verb == "RSET")
-        code, text = _read(smtp, stale_ok=verb == "RSET")
+            _write(smtp, cmd, stale_ok=reused and first)
+        code, text = _read(smtp, stale_ok=reused and first)
         if reused and code == 421:
             # The remote is closing this old connection (idle limit, messages
             # per connection); no body was sent, so a fresh one may try again.
             raise _Stale("%s answered 421" % verb)
-        if verb == "RSET":
-            if code != 250:
-                raise _Stale("RSET answered %d" % code)
-        elif verb == "MAIL" and code != 250:
+        if verb == "MAIL" and code != 250:
             raise smtplib.SMTPSenderRefused(code, text, arg)
         elif verb == "RCPT" and code not in (250, 251):
             raise smtplib.SMTPRecipientsRefused({arg: (code, text)})
@@ -492,11 +512,13 @@ def _write(smtp: smtplib.SMTP, data: bytes, stale_ok: bool) -> None:
 
 
 def _read(smtp: smtplib.SMTP, stale_ok: bool):
+    started = time.monotonic()
     try:
         return smtp.getreply()
     except smtplib.SMTPServerDisconnected as exc:
-        # A timeout is not staleness: retrying would only double the wait.
-        if stale_ok and not isinstance(exc.__context__, socket.timeout):
+        # A dead pooled connection fails at once; one that waited out the
+        # timeout is a slow remote, and retrying would only double the wait.
+        if stale_ok and time.monotonic() - started < smtp.timeout:
             raise _Stale(str(exc))
         raise
 

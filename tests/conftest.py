@@ -379,8 +379,9 @@ def sink(sink_factory):
 class MiniSMTP:
     """Answers SMTP from a thread per connection; records what it saw.
 
-    `drop_rset` makes the first connection close silently when it reads RSET
-    (a pooled connection that died between messages, unnoticed by the client);
+    `die_on_reuse` makes the first connection close silently when its second
+    MAIL arrives (a pooled connection that died between messages, unnoticed
+    by the client);
     `drop_in_data` closes in the middle of the body; `greeting` replaces 220;
     `messages_per_connection` answers the next MAIL with 421 and closes.
     `pipelined` records, per MAIL, whether RCPT and DATA had already arrived
@@ -389,10 +390,10 @@ class MiniSMTP:
 
     PIPELINE_WAIT = 0.25
 
-    def __init__(self, pipelining=True, drop_rset=False, drop_in_data=False,
+    def __init__(self, pipelining=True, die_on_reuse=False, drop_in_data=False,
                  greeting=b"220 mini.test ESMTP", messages_per_connection=0):
         self.pipelining = pipelining
-        self.drop_rset = drop_rset
+        self.die_on_reuse = die_on_reuse
         self.messages_per_connection = messages_per_connection
         self.drop_in_data = drop_in_data
         self.greeting = greeting
@@ -467,9 +468,9 @@ class MiniSMTP:
                     ext = b"250-PIPELINING\r\n" if self.pipelining else b""
                     conn.sendall(b"250-mini.test\r\n" + ext + b"250 8BITMIME\r\n")
                 elif verb == b"RSET":
-                    if self.drop_rset and number == 1:
-                        return
                     conn.sendall(b"250 2.0.0 OK\r\n")
+                elif verb == b"MAIL" and self.die_on_reuse and number == 1 and self.messages:
+                    return
                 elif verb == b"MAIL" and self.messages_per_connection and sum(
                         1 for n, _ in self.messages if n == number) >= self.messages_per_connection:
                     conn.sendall(b"421 4.7.0 Too many messages on this connection\r\n")

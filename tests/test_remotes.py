@@ -411,7 +411,7 @@ def test_5_3_pool_recovers_when_the_remote_restarted(tmp_path, sink_factory):
 
 
 def test_5_3_pool_retries_when_the_pooled_connection_dies_on_reuse(tmp_path, mini):
-    m = mini(drop_rset=True)
+    m = mini(die_on_reuse=True)
     delivery = Delivery(settings_for(tmp_path, remotes=m.url()))
     try:
         for _ in range(3):
