@@ -262,7 +262,7 @@ class Relay:
         self.settings = settings
         self.delivery = delivery if delivery is not None else Delivery(settings)
         self.users = policy.Users(settings.allowed_users) if settings.allowed_users else None
-        self.aliases = policy.Aliases(settings.aliases_file)
+        self.aliases = self.delivery.aliases  # one table: RCPT routing and delivery agree
         self.tls_context: Optional[ssl.SSLContext] = None
         self.addresses: List[Tuple[str, str, int]] = []
         self._servers: List[RelayServer] = []

@@ -12,6 +12,7 @@ import pytest
 
 from conftest import outbox_messages, wait_until
 from relay_lib import config
+from relay_lib.delivery import Delivery
 from relay_lib.server import Relay, make_server_context
 from smtp_talk import Talk
 
@@ -239,20 +240,17 @@ def test_2_3_plain_listeners_need_no_certificate(relay_factory):
 
 # -- one failing session does not hurt the others ---------------------------------
 
-class _BrokenDelivery:
+class _BrokenDelivery(Delivery):
     """Delivery that fails with a bug, to prove the session's last-resort handler."""
 
     def deliver(self, envelope, body):
         raise RuntimeError("bug in delivery")
 
-    def close(self):
-        pass
-
 
 def test_3_2_internal_error_is_421_and_logged(relay_factory, caplog, capsys):
     relay = relay_factory()
     settings = relay.settings
-    broken = Relay(settings, delivery=_BrokenDelivery())
+    broken = Relay(settings, delivery=_BrokenDelivery(settings))
     broken.start()
     try:
         caplog.set_level(logging.ERROR, logger="smtprelay")
@@ -291,20 +289,17 @@ def test_6_refusals_are_logged_as_warnings_with_reasons(relay_factory, caplog):
     assert "connected" in events and "disconnected" in events and "command" in events
 
 
-class _RefusingDelivery:
+class _RefusingDelivery(Delivery):
     """Delivery that refuses through SmtpError, the typed path of STYLE 6."""
 
     def deliver(self, envelope, body):
         from relay_lib.replies import Reply, SmtpError
         raise SmtpError(Reply(554, "5.7.1", "Refused by policy"))
 
-    def close(self):
-        pass
-
 
 def test_3_2_smtp_error_becomes_its_reply(relay_factory):
     relay = relay_factory()
-    refusing = Relay(relay.settings, delivery=_RefusingDelivery())
+    refusing = Relay(relay.settings, delivery=_RefusingDelivery(relay.settings))
     refusing.start()
     try:
         with Talk(refusing.addresses[0][2], ehlo="x") as t:
