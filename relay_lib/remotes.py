@@ -333,7 +333,7 @@ class Dispatcher:
                 elif remote.scheme == "starttls":
                     raise SetupFailed("STARTTLS required but not offered")
             if remote.username is not None:
-                if not isinstance(smtp.sock, ssl.SSLSocket) and not _is_loopback(remote.host):
+                if not isinstance(smtp.sock, ssl.SSLSocket) and not is_loopback(remote.host):
                     # As Go's net/smtp: never send a password in the clear over a network.
                     raise SetupFailed("refusing to AUTH without TLS (remote offered no STARTTLS)")
                 smtp.user, smtp.password = remote.username, remote.password or ""
@@ -411,7 +411,8 @@ def _use_kernel_timeouts(sock: socket.socket, seconds: float) -> None:
     sock.settimeout(None)
 
 
-def _is_loopback(host: str) -> bool:
+def is_loopback(host: str) -> bool:
+    """True for localhost and loopback addresses (no name lookup)."""
     if host.lower() == "localhost":
         return True
     try:

@@ -21,6 +21,8 @@ import urllib.parse
 import urllib.request
 from typing import Any, Dict, NamedTuple, Optional
 
+from .remotes import is_loopback
+
 ACCEPT, REPLACE, REJECT, DISCARD, TEMPFAIL = "accept", "replace", "reject", "discard", "tempfail"
 DEFAULT_REJECT_CODE = 550  # SPEC 4.2: a code outside 500-599 becomes 550
 DEFAULT_REJECT_REASON = "Message rejected"
@@ -60,8 +62,12 @@ def scan(url: str, payload: Dict[str, Any], secret: Optional[str], timeout: floa
     if secret:
         headers["X-Smtprelay-Signature"] = signature(secret, body)
     deadline = _Deadline(timeout)
-    opener = urllib.request.build_opener(_HTTPHandler(deadline), _HTTPSHandler(deadline, context),
-                                         _NoRedirect())
+    handlers = [_HTTPHandler(deadline), _HTTPSHandler(deadline, context), _NoRedirect()]
+    if is_loopback(urllib.parse.urlsplit(url).hostname or ""):
+        # A scanner on this machine is never reached through the http_proxy
+        # an administrator set for the outside world.
+        handlers.append(urllib.request.ProxyHandler({}))
+    opener = urllib.request.build_opener(*handlers)
     request = urllib.request.Request(url, data=body, headers=headers, method="POST")
     timer = threading.Timer(timeout, deadline.fire)
     timer.daemon = True

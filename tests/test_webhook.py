@@ -53,6 +53,19 @@ def test_4_2_hmac_signature_header(tmp_path, sink, webhook):
     assert request.headers["X-Smtprelay-Signature"] == "sha256=" + expected
 
 
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost"])
+def test_4_2_local_scanner_bypasses_http_proxy(tmp_path, sink, webhook, monkeypatch, host):
+    """An http_proxy set for the outside world must not break a scanner on this machine."""
+    dead_proxy = "http://127.0.0.1:%d" % free_port()
+    for name in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY"):
+        monkeypatch.setenv(name, dead_proxy)
+    monkeypatch.delenv("no_proxy", raising=False)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    reply, env, _ = run(tmp_path, sink, webhook.url.replace("127.0.0.1", host))
+    assert str(reply) == "250 2.0.0 OK %s" % env.id
+    assert len(webhook.requests) == 1
+
+
 def test_4_2_called_once_with_every_recipient(tmp_path, webhook, sink_factory):
     one, two = sink_factory(), sink_factory()
     remotes = "%s %s" % (one.url(query="recipient=.*@one.test"),
