@@ -137,6 +137,9 @@ def main(argv: List[str]) -> int:
             return hash_password()
         settings = load(config_path, flags)
         if "check" in actions:
+            from .server import make_server_context
+
+            make_server_context(settings)  # a tls_profile this OpenSSL cannot do fails here too
             print("\n".join(describe(settings)))
             return 0
         return run(settings)
