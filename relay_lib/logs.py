@@ -65,13 +65,25 @@ def mask_url(url: str) -> str:
     return _URL_PASSWORD.sub(r"\1***@", url)
 
 
+_last_stamp = (-1, "")  # (whole second, its RFC 3339 text): one format per second, not per line
+
+
 def _rfc3339(created: float) -> str:
-    return datetime.fromtimestamp(created).astimezone().isoformat(timespec="seconds")
+    global _last_stamp
+    second = int(created)
+    cached = _last_stamp
+    if cached[0] != second:
+        cached = (second, datetime.fromtimestamp(second).astimezone().isoformat(timespec="seconds"))
+        _last_stamp = cached  # one tuple assignment: safe to race between threads
+    return cached[1]
+
+
+_NEEDS_QUOTES = re.compile(r'[\s"=]')
 
 
 def _value(v) -> str:
     s = str(v)
-    if s == "" or any(c in s for c in ' "=\n\t'):
+    if not s or _NEEDS_QUOTES.search(s):
         return json.dumps(s)
     return s
 
