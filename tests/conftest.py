@@ -234,6 +234,15 @@ def outbox_messages(folder):
 
 # -- downstream SMTP servers ----------------------------------------------
 
+def accepts_connections(port, host="127.0.0.1"):
+    """True when something listens on host:port."""
+    try:
+        socket.create_connection((host, port), timeout=1).close()
+        return True
+    except OSError:
+        return False
+
+
 def free_port(host="127.0.0.1"):
     """A port nobody listens on right now (aiosmtpd needs one before it starts)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET

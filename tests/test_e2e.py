@@ -23,7 +23,7 @@ import time
 import bcrypt
 import pytest
 
-from conftest import outbox_messages, relay_command, wait_until, write_ini
+from conftest import accepts_connections, outbox_messages, relay_command, wait_until, write_ini
 
 MESSAGE = b"From: a@example.com\r\nTo: b@example.org\r\nSubject: e2e\r\n\r\nHello from the test.\r\n"
 LISTENING = re.compile(r"listening on 127\.0\.0\.1:(\d+) \((\w+)\)")
@@ -70,7 +70,7 @@ class RelayProcess:
         assert self.proc.poll() is None, "the relay exited %s:\n%s" % (self.proc.returncode, self.stderr)
         self.ports = dict((scheme, int(port)) for port, scheme in LISTENING.findall(self.log_text(logfile)))
         self.port = next(iter(self.ports.values()))
-        assert wait_until(lambda: _accepts(self.port), timeout=START_TIMEOUT)
+        assert wait_until(lambda: accepts_connections(self.port), timeout=START_TIMEOUT)
         return self
 
     def stop(self):
@@ -89,14 +89,6 @@ class RelayProcess:
         self.returncode = self.proc.returncode
         self.stderr_file.close()
         return self.returncode
-
-
-def _accepts(port):
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=1).close()
-        return True
-    except OSError:
-        return False
 
 
 @pytest.fixture

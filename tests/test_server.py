@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from conftest import outbox_messages, wait_until
+from conftest import accepts_connections, outbox_messages, wait_until
 from relay_lib import config
 from relay_lib.delivery import Delivery
 from relay_lib.server import Relay, make_server_context
@@ -183,7 +183,7 @@ def test_6_stop_lets_a_message_in_data_finish(relay_factory):
         stopper = threading.Thread(target=relay.stop, kwargs={"timeout": 10})
         stopper.start()
         # The listener closes while the message is still being received.
-        assert wait_until(lambda: _refused(relay.port))
+        assert wait_until(lambda: not accepts_connections(relay.port))
         t.send(b"second half\r\n.\r\n")
         assert t.reply().startswith("250 2.0.0 OK ")
         assert t.reply() == "421 4.3.2 Shutting down"
@@ -191,14 +191,6 @@ def test_6_stop_lets_a_message_in_data_finish(relay_factory):
         assert not stopper.is_alive()
     (meta, message), = outbox_messages(relay.outbox)
     assert message.endswith(b"first half\r\nsecond half\r\n")
-
-
-def _refused(port):
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=1).close()
-        return False
-    except OSError:
-        return True
 
 
 def test_6_stop_is_quick_with_no_sessions(relay_factory):
