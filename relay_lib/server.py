@@ -212,6 +212,9 @@ class RelayServer(socketserver.ThreadingTCPServer):
         if self.dual_stack and hasattr(socket, "IPV6_V6ONLY"):
             # Windows defaults to IPv6 only; Linux to dual stack.
             self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        if hasattr(socket, "SO_EXCLUSIVEADDRUSE"):
+            # Windows only: no other program may bind our port while we hold it.
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_EXCLUSIVEADDRUSE, 1)
         super().server_bind()
 
     def process_request(self, request, client_address) -> None:
