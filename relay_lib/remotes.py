@@ -89,8 +89,10 @@ def parse_remote(url: str) -> Remote:
     try:
         parts = urlsplit(url)
         port = parts.port
-    except ValueError as exc:
-        raise ValueError("%s: %s" % (_mask_raw(url), _no_secret(str(exc), url)))
+    except ValueError:
+        # The exception text would quote the URL, password and all.
+        raise ValueError("%s: invalid host or port (percent-encode @ / ? # in the user and "
+                         "password)" % _mask_raw(url)) from None
     if not parts.hostname:
         raise ValueError("%s: missing host" % _mask_raw(url))
     scheme = scheme.lower()
@@ -132,17 +134,13 @@ def _parse_params(query: str) -> dict:
     return params
 
 
-_USERINFO = re.compile(r"(://[^:/@]*:)[^@/]*@")
-
-
 def _mask_raw(url: str) -> str:
-    """Mask the password in a URL that may not parse (for error messages)."""
-    return _USERINFO.sub(r"\1***@", url)
-
-
-def _no_secret(text: str, url: str) -> str:
-    m = re.search(r"://[^:/@]*:([^@/]*)@", url)
-    return text.replace(m.group(1), "***") if m and m.group(1) else text
+    """A URL that may not parse, for an error message: everything up to its
+    last "@" is hidden, since a password may hold any character (SPEC 5.1)."""
+    scheme, sep, rest = url.partition("://") if "://" in url else ("", "", url)
+    if "@" in rest:
+        rest = "***@" + rest.rpartition("@")[2]
+    return scheme + sep + rest
 
 
 def route(remotes: Tuple[Remote, ...], sender: str, rcpts, strict_sender: bool):
