@@ -232,8 +232,7 @@ def remote_reply(remote: remotes.Remote, exc: BaseException) -> Reply:
     code, text = 0, b""
     if isinstance(exc, smtplib.SMTPRecipientsRefused) and exc.recipients:
         code, text = next(iter(exc.recipients.values()))
-    elif isinstance(exc, smtplib.SMTPResponseException) and not isinstance(
-            exc, smtplib.SMTPAuthenticationError):
+    elif isinstance(exc, smtplib.SMTPResponseException):
         code, text = exc.smtp_code, exc.smtp_error
     if not 500 <= code <= 599:
         return replies.FORWARD_TEMPFAIL

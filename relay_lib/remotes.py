@@ -182,10 +182,11 @@ _ENHANCED_CODE = re.compile(r"^[245]\.\d{1,3}\.\d{1,3}$")  # [R3463 2]
 
 
 class SetupFailed(smtplib.SMTPException):
-    """STARTTLS or AUTH towards a remote failed: always temporary (SPEC 4.1).
+    """Greeting, EHLO, STARTTLS or AUTH towards a remote failed: always
+    temporary (SPEC 4.1).
 
-    A 5xx answer to STARTTLS or AUTH is about our configuration or the remote's
-    TLS setup, not about the message, so it must not bounce the message.
+    A 5xx answer before MAIL is about this relay (its address, configuration
+    or TLS setup), not about the message, so it must not bounce the message.
     """
 
 
@@ -284,9 +285,6 @@ class Dispatcher:
         conn = self._open(remote)
         try:
             reply = _transaction(conn, sender, rcpts, message, reused=False)
-        except _Stale as exc:  # only possible on a reused connection; kept for safety
-            conn.close()
-            raise smtplib.SMTPServerDisconnected(str(exc))
         except BaseException:
             conn.close()
             raise
@@ -313,21 +311,26 @@ class Dispatcher:
 
     def _open(self, remote: Remote) -> _Conn:
         context = self._contexts[remote.skip_verify]
-        if remote.implicit_tls:
-            smtp = smtplib.SMTP_SSL(remote.host, remote.port, local_hostname=self.hostname,
-                                    timeout=self.timeout, context=context)
-        else:
-            smtp = smtplib.SMTP(remote.host, remote.port, local_hostname=self.hostname,
-                                timeout=self.timeout)
         try:
-            smtp.ehlo_or_helo_if_needed()
+            if remote.implicit_tls:
+                smtp = smtplib.SMTP_SSL(remote.host, remote.port, local_hostname=self.hostname,
+                                        timeout=self.timeout, context=context)
+            else:
+                smtp = smtplib.SMTP(remote.host, remote.port, local_hostname=self.hostname,
+                                    timeout=self.timeout)
+        except smtplib.SMTPConnectError as exc:
+            # A refused greeting (554 no service, a blocklisted relay IP) is a
+            # refused connection: 451, never a bounce of every message (SPEC 4.1).
+            raise SetupFailed("greeting refused: %d %s" % (exc.smtp_code, reply_text(exc.smtp_error))) from None
+        try:
+            _hello(smtp)
             if not remote.implicit_tls:
                 if smtp.has_extn("starttls"):
                     try:
                         smtp.starttls(context=context)
                     except smtplib.SMTPResponseException as exc:
                         raise SetupFailed("STARTTLS refused: %d %s" % (exc.smtp_code, reply_text(exc.smtp_error)))
-                    smtp.ehlo_or_helo_if_needed()  # [R3207 4.2]: forget what was said before TLS
+                    _hello(smtp)  # [R3207 4.2]: forget what was said before TLS
                 elif remote.scheme == "starttls":
                     raise SetupFailed("STARTTLS required but not offered")
             if remote.username is not None:
@@ -407,6 +410,14 @@ def _use_kernel_timeouts(sock: socket.socket, seconds: float) -> None:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
     sock.settimeout(None)
+
+
+def _hello(smtp: smtplib.SMTP) -> None:
+    """EHLO, or HELO; a refusal is about this relay, not the message."""
+    try:
+        smtp.ehlo_or_helo_if_needed()
+    except smtplib.SMTPHeloError as exc:
+        raise SetupFailed("EHLO refused: %d %s" % (exc.smtp_code, reply_text(exc.smtp_error))) from None
 
 
 def is_loopback(host: str) -> bool:
