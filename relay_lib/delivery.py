@@ -23,7 +23,7 @@ from . import remotes, replies, webhook
 from .config import Settings
 from .logs import fields, log
 from .policy import Aliases
-from .replies import Reply
+from .replies import Reply, clean_echo
 
 EX_TEMPFAIL = 75  # sysexits.h: the command asks the client to retry (SPEC 4.3)
 # Base64 grows a message by 4/3; the scanner may add headers or a disclaimer.
@@ -162,6 +162,8 @@ class Delivery:
     def _verdict_reply(self, env: Envelope, verdict: webhook.Verdict) -> Reply:
         """The reply for a webhook verdict that stops the message (SPEC 4.2)."""
         if verdict.action == webhook.REJECT:
+            log.warning("webhook rejected the message", extra=fields(
+                id=env.id, code=verdict.code, reason=clean_echo(verdict.reason)))
             return replies.scan_rejected(verdict.code, verdict.enhanced, verdict.reason)
         if verdict.action == webhook.DISCARD:
             return replies.accepted(env.id)  # quarantined by the scanner: nothing to forward

@@ -317,7 +317,9 @@ class Relay:
         with self._lock:
             self._stopping = True
             sessions = list(self._sessions)
-        for server, thread in zip(self._servers, self._threads):
+        # Only servers whose thread started: shutdown() would wait forever on
+        # one that never ran serve_forever().
+        for server, _ in zip(self._servers, self._threads):
             server.shutdown()
         for server in self._servers:
             server.server_close()

@@ -496,7 +496,6 @@ class Session:
             self._fail(replies.TOO_BIG)
             return
         envelope.received_at = datetime.now(timezone.utc)
-        envelope.size = size
         self._reply(self.delivery.deliver(envelope, body))
 
     def smtp_RSET(self, arg: str) -> None:

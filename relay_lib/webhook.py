@@ -61,7 +61,7 @@ def scan(url: str, payload: Dict[str, Any], secret: Optional[str], timeout: floa
     headers = {"Content-Type": "application/json", "X-Smtprelay-Id": str(payload.get("id", ""))}
     if secret:
         headers["X-Smtprelay-Signature"] = signature(secret, body)
-    deadline = _Deadline(timeout)
+    deadline = _Deadline()
     handlers = [_HTTPHandler(deadline), _HTTPSHandler(deadline, context), _NoRedirect()]
     if is_loopback(urllib.parse.urlsplit(url).hostname or ""):
         # A scanner on this machine is never reached through the http_proxy
@@ -179,7 +179,7 @@ class _Deadline:
     a timer makes the blocked read return at once.
     """
 
-    def __init__(self, seconds: float):
+    def __init__(self):
         self.fired = False
         self.expired = False
         self._sockets = []

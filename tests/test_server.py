@@ -115,20 +115,31 @@ def test_3_1_max_connections_on_tls_listener(relay_factory, certs):
 
 def test_3_1_slots_never_leak(relay_factory):
     """Sessions that end by every kind of error all give their slot back."""
-    relay = relay_factory(max_connections="3", read_timeout="1s")
+    relay = relay_factory(max_connections="3", read_timeout="1s", data_timeout="1s")
     endings = [
         lambda t: t.send(b"GET / HTTP/1.0\r\n\r\n"),
         lambda t: t.send(b"BOGUS\r\n" * 30),
         lambda t: t.send(b"x" * 50000),
         lambda t: t.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00"),
         lambda t: t.send(b"EHLO x\r\nMAIL FROM:<a@b.c>\r\nRCPT TO:<d@e.f>\r\nDATA\r\npartial"),
-        lambda t: None,  # silent: read_timeout
     ]
-    for end in endings:
+    for end in endings:  # the client goes away
         t = Talk(relay.port)
         t.reply()
         end(t)
         t.close()
+    timeouts = [
+        lambda t: None,  # silent: read_timeout
+        lambda t: t.send(b"EHLO x\r\nMAIL FROM:<a@b.c>\r\nRCPT TO:<d@e.f>\r\nDATA\r\npartial"),  # data_timeout
+    ]
+    for stall in timeouts:  # the client stays and the relay gives up on it
+        with Talk(relay.port) as t:
+            t.reply()
+            stall(t)
+            last = t.reply()
+            while not last.startswith("421"):
+                last = t.reply()
+            assert last == "421 4.4.2 Timeout"
     assert wait_until(lambda: relay.active_sessions == 0, timeout=5)
     with Talk(relay.port) as t:
         assert t.reply().startswith("220 ")
