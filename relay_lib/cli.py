@@ -15,6 +15,7 @@ from . import __version__
 from .config import OPTION_NAMES, ConfigError, describe, load, parse_bool
 from .logs import fields, log, setup_logging
 
+BCRYPT_MAX_BYTES = 72  # bcrypt reads no further; bcrypt 5 refuses longer passwords
 ACTIONS = ("check", "version", "hash_password", "help", "h")
 USAGE = """usage: smtprelay [-config FILE | FILE] [-check] [-version] [-hash-password]
                  [-option value | --option=value ...]
@@ -76,6 +77,9 @@ def hash_password() -> int:
         password = sys.stdin.readline().rstrip("\r\n")
     if not password:
         print("smtprelay: empty password", file=sys.stderr)
+        return 1
+    if len(password.encode("utf-8")) > BCRYPT_MAX_BYTES:
+        print("smtprelay: password longer than %d bytes, bcrypt's limit" % BCRYPT_MAX_BYTES, file=sys.stderr)
         return 1
     print(bcrypt.hashpw(password.encode("utf-8"), bcrypt.gensalt()).decode("ascii"))
     return 0

@@ -141,7 +141,10 @@ class _RotatingFile(logging.handlers.RotatingFileHandler):
 def setup_logging(path: Optional[str], fmt: str, level: str) -> None:
     """Send the relay's log to `path` (rotated) or stderr, in format `fmt`."""
     if path:
-        handler = _RotatingFile(path, maxBytes=ROTATE_BYTES, backupCount=ROTATE_KEEP, encoding="utf-8")
+        # backslashreplace: bytes a client sent that are not UTF-8 (a user
+        # name, say) are written escaped instead of losing the line.
+        handler = _RotatingFile(path, maxBytes=ROTATE_BYTES, backupCount=ROTATE_KEEP, encoding="utf-8",
+                                errors="backslashreplace")
     else:
         handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else KeyValueFormatter(fmt == "default"))

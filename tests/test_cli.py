@@ -114,6 +114,12 @@ def test_2_1_missing_config_file_exit_2(tmp_path):
     assert_one_line_error(run_relay(str(tmp_path / "absent.ini")), "config")
 
 
+def test_6_hash_password_too_long_is_one_line():
+    result = run_relay("-hash-password", stdin="x" * 73 + "\n")
+    assert result.returncode == 1
+    assert result.stderr.strip() == "smtprelay: password longer than 72 bytes, bcrypt's limit"
+
+
 def test_6_hash_password_from_stdin():
     result = run_relay("-hash-password", stdin="s3cret pass\n")
     assert result.returncode == 0, result.stderr

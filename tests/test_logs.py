@@ -86,6 +86,16 @@ def test_2_3_rotation_blocked_keeps_logging(logfile, monkeypatch):
     assert len(lines(logfile)) == 50
 
 
+@pytest.mark.parametrize("fmt", ["default", "json"])
+def test_6_bytes_that_are_not_utf8_are_logged_escaped(logfile, fmt, capsys):
+    """A hostile client's user name decoded with surrogateescape must not lose the line."""
+    setup_logging(str(logfile), fmt, "info")
+    log.warning("authentication failed", extra=fields(user=b"bad\xff".decode("utf-8", "surrogateescape")))
+    (line,) = lines(logfile)
+    assert "authentication failed" in line and "bad" in line
+    assert "Logging error" not in capsys.readouterr().err
+
+
 def test_6_session_logger_binds_fields(logfile):
     setup_logging(str(logfile), "plain", "debug")
     slog = session_logger(peer="192.0.2.1")
