@@ -140,7 +140,7 @@ class Delivery:
             return replies.NO_REMOTE
         plan = remotes.route(s.remotes, env.mail_from, env.rcpts, s.strict_sender)
         routed = {r for _, rcpts in plan for r in rcpts}
-        if not s.command and any(r not in routed for r in env.rcpts):
+        if s.remotes and any(r not in routed for r in env.rcpts):
             # Refused at RCPT normally (SPEC 5.2); reaching here means the
             # aliases or remotes changed since. Never drop after a 250.
             results.append("no remote routes a recipient")

@@ -74,8 +74,12 @@ def check_recipient(settings: Settings, addr: str) -> Optional[Reply]:
 
 
 def check_route(settings: Settings, aliases: "Aliases", sender: str, rcpt: str) -> Optional[Reply]:
-    """Refuse at RCPT a recipient that no remote would receive (SPEC 5.2)."""
-    if not settings.remotes or settings.command:
+    """Refuse at RCPT a recipient that no remote would receive (SPEC 5.2).
+
+    With remotes configured this holds even when a command also runs: the
+    command is an extra step, not a route. With a command alone, it takes all.
+    """
+    if not settings.remotes:
         return None
     target = aliases.resolve(rcpt)
     if route(settings.remotes, sender, [target], settings.strict_sender):

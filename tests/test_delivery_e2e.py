@@ -2,6 +2,9 @@
 
 import base64
 import smtplib
+import sys
+
+import pytest
 
 from conftest import free_port
 
@@ -51,9 +54,11 @@ def test_5_2_e2e_two_recipients_two_remotes(relay_factory, sink_factory):
     assert split_received(one.box[0].content)[1] == MESSAGE == split_received(two.box[0].content)[1]
 
 
-def test_5_2_e2e_recipient_no_remote_admits_is_refused_at_rcpt(relay_factory, sink_factory):
+@pytest.mark.parametrize("command", ["", "%s -c \"import sys; sys.stdin.read()\"" % sys.executable],
+                         ids=["remotes", "remotes-and-command"])
+def test_5_2_e2e_recipient_no_remote_admits_is_refused_at_rcpt(relay_factory, sink_factory, command):
     d = sink_factory()
-    relay = relay_factory(remotes=d.url(query="recipient=.*@one.test"))
+    relay = relay_factory(remotes=d.url(query="recipient=.*@one.test"), command=command)
     code, text = send(relay, ["x@elsewhere.test"])
     assert (code, text) == (550, b"5.7.1 No remote routes this recipient")
 
