@@ -188,18 +188,30 @@ class Session:
         """Read one command line, or None when the relay is shutting down."""
         with self._lock:
             stopping = self._stopping and not self.wire.has_buffered()
-            self._idle = not stopping
         if stopping:
             self._last_words(replies.SHUTTING_DOWN)
             return None
+        while True:
+            try:
+                return self._read_idle()
+            except LineTooLong:
+                self.log.warning("command line too long")
+                if not self._fail(replies.LINE_TOO_LONG):
+                    return None
+
+    def _read_idle(self) -> bytes:
+        """A line the client owes us with no message in progress (a command,
+        an AUTH response): shutdown() may cut this wait short (SPEC 6).
+
+        Raises:
+            LineTooLong, Timeout, Closed.
+        """
+        with self._lock:
+            self._idle = True
+            if self._stopping:
+                self.wire.interrupt()  # complete lines already buffered still come out
         try:
-            while True:
-                try:
-                    return self.wire.read_line()
-                except LineTooLong:
-                    self.log.warning("command line too long")
-                    if not self._fail(replies.LINE_TOO_LONG):
-                        return None
+            return self.wire.read_line()
         finally:
             with self._lock:
                 self._idle = False
@@ -377,7 +389,7 @@ class Session:
         else:
             self._reply(prompt)
             try:
-                text = self.wire.read_line().strip()
+                text = self._read_idle().strip()
             except LineTooLong:
                 return replies.AUTH_BAD_BASE64
         if text == b"*":

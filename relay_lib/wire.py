@@ -373,10 +373,14 @@ class Wire:
     def interrupt(self) -> None:
         """Make a blocked or future read fail with Closed (used at shutdown).
 
-        Only the read side is shut, and on the plain socket beneath any TLS
-        layer, so a final reply can still be written.
+        A plain socket has its read side shut, which wakes the read at once;
+        the final reply can still be written. Under TLS that would break the
+        TLS stream (the client would get an alert, not the 421), so there the
+        blocked read notices the flag within IDLE_SLICE.
         """
         self._interrupted = True
+        if isinstance(self.sock, ssl.SSLSocket):
+            return
         try:
             socket.socket.shutdown(self.sock, socket.SHUT_RD)
         except OSError:

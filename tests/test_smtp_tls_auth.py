@@ -7,10 +7,11 @@ import os
 import smtplib
 import ssl
 import threading
+import time
 
 import pytest
 
-from conftest import outbox_messages
+from conftest import outbox_messages, wait_until
 from smtp_talk import Talk, write_users
 
 PASSWORD = "s3cret-Pa55"
@@ -213,6 +214,31 @@ def test_3_2_forcetls_allows_mail_after_starttls(tls_relay, certs):
 @pytest.fixture
 def auth_relay(tls_relay, users):
     return tls_relay(allowed_users=users)
+
+
+def test_6_stop_sends_421_inside_tls_to_idle_sessions(tls_relay, certs):
+    """The 421 arrives as TLS data, not as a broken TLS stream."""
+    starttls = tls_relay()
+    implicit = tls_relay(listen="tls://127.0.0.1:0")
+    with tls_session(starttls, certs) as t, Talk(implicit.port, tls=certs.client_context()) as u:
+        assert u.reply().startswith("220 ")
+        started = time.monotonic()
+        for relay in (starttls, implicit):
+            threading.Thread(target=relay.stop, kwargs={"timeout": 5}).start()
+        assert t.reply() == "421 4.3.2 Shutting down"
+        assert u.reply() == "421 4.3.2 Shutting down"
+        assert time.monotonic() - started < 3  # not read_timeout (60s)
+    assert wait_until(lambda: starttls.active_sessions == implicit.active_sessions == 0)
+
+
+def test_6_stop_ends_a_session_waiting_at_an_auth_prompt(auth_relay, certs):
+    with tls_session(auth_relay, certs) as t:
+        assert t.cmd("AUTH LOGIN").startswith("334 ")
+        started = time.monotonic()
+        auth_relay.stop(timeout=5)
+        assert t.reply() == "421 4.3.2 Shutting down"
+        assert time.monotonic() - started < 3  # not read_timeout (60s)
+    assert auth_relay.active_sessions == 0
 
 
 def test_3_2_auth_advertised_only_under_tls(auth_relay, certs):
