@@ -100,6 +100,24 @@ def delivery(relay_settings):
     d.close()
 
 
+def _session_thread(wire, run):
+    """Start `run` in a thread that records any exception escaping it and
+    closes the wire at the end; returns (thread, list of escaped exceptions)."""
+    crashed = []
+
+    def guarded():
+        try:
+            run()
+        except BaseException as exc:  # the test wants to see any escape
+            crashed.append(exc)
+        finally:
+            wire.close()
+
+    thread = threading.Thread(target=guarded)
+    thread.start()
+    return thread, crashed
+
+
 def converse(settings, delivery, data: bytes, users=None, starttls_context=None):
     """Run one session over a socketpair, send `data`, close; return
     (everything the session sent, the session thread's crash or None)."""
@@ -107,18 +125,7 @@ def converse(settings, delivery, data: bytes, users=None, starttls_context=None)
     wire = Wire(server, settings.read_timeout, settings.write_timeout, settings.data_timeout)
     session = Session(settings, wire, "127.0.0.1", delivery, users=users,
                       starttls_context=starttls_context)
-    crashed = []
-
-    def run():
-        try:
-            session.run()
-        except BaseException as exc:  # the test wants to see any escape
-            crashed.append(exc)
-        finally:
-            wire.close()
-
-    thread = threading.Thread(target=run)
-    thread.start()
+    thread, crashed = _session_thread(wire, session.run)
     sender = threading.Thread(target=_send_and_shut, args=(client, data))
     sender.start()
     received = bytearray()
@@ -226,19 +233,12 @@ def converse_tls(settings, delivery, users, server_context, client_context, data
     """
     server, client = socket.socketpair()
     wire = Wire(server, settings.read_timeout, settings.write_timeout, settings.data_timeout)
-    crashed = []
 
     def run():
-        try:
-            wire.start_tls(server_context)
-            Session(settings, wire, "127.0.0.1", delivery, users=users, implicit_tls=True).run()
-        except BaseException as exc:  # the test wants to see any escape
-            crashed.append(exc)
-        finally:
-            wire.close()
+        wire.start_tls(server_context)
+        Session(settings, wire, "127.0.0.1", delivery, users=users, implicit_tls=True).run()
 
-    thread = threading.Thread(target=run)
-    thread.start()
+    thread, crashed = _session_thread(wire, run)
     client.settimeout(10)
     tls = client_context.wrap_socket(client, server_hostname="localhost")
     received = bytearray()
