@@ -41,7 +41,7 @@ bench: $(VENV)/.runtime
 clean:
 	rm -rf $(VENV) build dist .pytest_cache .hypothesis outbox
 
-# One-file executable (SPEC 1, issue 7): dist/smtprelay, dist/smtprelay.exe on
+# One-file executable (SPEC 1): dist/smtprelay, dist/smtprelay.exe on
 # Windows. The spec file goes to build/ (ignored), so the tree stays clean;
 # everything the program needs, bcrypt and ssl included, is inside the binary.
 EXE := dist/smtprelay

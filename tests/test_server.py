@@ -147,7 +147,7 @@ def test_3_1_slots_never_leak(relay_factory):
 
 # -- SPEC 7: many clients ------------------------------------------------------
 
-def test_7_200_concurrent_clients(relay_factory):
+def test_7_robustness_with_200_concurrent_clients(relay_factory):
     relay = relay_factory(max_connections="250")
     clients = [Talk(relay.port, timeout=30) for _ in range(200)]
     try:
