@@ -17,6 +17,8 @@ SKIP_DIRS = {"build", "dist", "outbox", "__pycache__", "node_modules"}
 SPEC_CITATION = re.compile(r"\bSPEC (\d+(?:\.\d+)*)")
 TEST_NAME = re.compile(r"\btest_(\d+)(?:_(\d+))?_[a-z]")
 HEADING = re.compile(r"^#{1,6} (\d+(?:\.\d+)*)\.? ", re.MULTILINE)
+ANY_HEADING = re.compile(r"^#{1,6} (.+)$", re.MULTILINE)
+LOCAL_LINK = re.compile(r"\]\(([0-9A-Za-z._-]+\.md)?(?:#([^)]*))?\)")
 
 
 def _repository_texts():
@@ -68,3 +70,20 @@ def test_docs_index_links_every_file_and_readme_links_the_index():
     assert len(sections) >= 12
     assert [n for n in sections if "(%s)" % n not in index] == []
     assert "(docs/README.md)" in (ROOT / "README.md").read_text(encoding="utf-8")
+
+
+def _anchor(heading: str) -> str:
+    """The fragment a Markdown renderer (GitHub's rule) gives a heading."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_docs_links_between_files_resolve():
+    anchors = {p.name: {_anchor(h) for h in ANY_HEADING.findall(p.read_text(encoding="utf-8"))}
+               for p in DOCS.glob("*.md")}
+    broken = []
+    for name in sorted(anchors):
+        for target, fragment in LOCAL_LINK.findall((DOCS / name).read_text(encoding="utf-8")):
+            target = target or name
+            if target not in anchors or (fragment and fragment not in anchors[target]):
+                broken.append("%s -> %s#%s" % (name, target, fragment))
+    assert broken == []
