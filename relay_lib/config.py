@@ -155,6 +155,16 @@ def parse_listen(text: str) -> Tuple[Listener, ...]:
     return tuple(listeners)
 
 
+def parse_metrics_listen(text: str) -> Optional[Listener]:
+    """One plain host:port for /metrics and /healthz, or None when empty."""
+    if not text:
+        return None
+    listeners = parse_listen(text)
+    if len(listeners) != 1 or listeners[0].scheme != "plain":
+        raise ValueError("%r is not one host:port without a scheme (like 127.0.0.1:9101)" % text)
+    return listeners[0]
+
+
 def _choice(*allowed: str) -> Callable[[str], str]:
     def parse(text: str) -> str:
         low = text.strip().lower()
@@ -236,6 +246,7 @@ OPTIONS: Tuple[Option, ...] = (
     Option("webhook_url", "", parse_webhook_url, "scanning webhook URL"),
     Option("webhook_timeout", "30s", _timeout(0.001), "total time for one webhook call"),
     Option("webhook_secret", "", _optional, "HMAC-SHA256 key for the webhook signature header", secret=True),
+    Option("metrics_listen", "", parse_metrics_listen, "host:port serving GET /metrics and /healthz; empty is off"),
 )
 OPTION_NAMES = {o.name: o for o in OPTIONS}
 
@@ -276,6 +287,7 @@ class Settings:
     webhook_url: Optional[str]
     webhook_timeout: float
     webhook_secret: Optional[str] = field(repr=False)
+    metrics_listen: Optional[Listener]
     config_path: Optional[str] = None
     base_dir: str = "."
     raw: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)

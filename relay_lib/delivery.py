@@ -19,7 +19,7 @@ from datetime import datetime, timezone
 from email.utils import format_datetime
 from typing import List, Optional, Tuple
 
-from . import remotes, replies, webhook
+from . import metrics, remotes, replies, webhook
 from .config import Settings
 from .logs import fields, log
 from .policy import Aliases
@@ -120,6 +120,7 @@ class Delivery:
         except Exception:  # noqa: BLE001
             log.exception("delivery failed", extra=fields(id=env.id))
             reply = replies.FORWARD_TEMPFAIL
+        metrics.MESSAGES.labels(metrics.message_result(reply.code)).inc()
         log.info("message", extra=fields(
             id=env.id, peer=env.peer, user=env.user or "", **{"from": env.mail_from},
             to=",".join(env.rcpts), size=env.size, remote="; ".join(results),
@@ -147,6 +148,7 @@ class Delivery:
             return replies.NO_ROUTE
         if s.webhook_url:
             verdict = self._scan(env, message)
+            metrics.WEBHOOK_CALLS.labels(verdict.action).inc()
             results.append("webhook %s" % verdict.action)
             if verdict.action == webhook.REPLACE:
                 message = verdict.message
@@ -231,11 +233,7 @@ class Delivery:
 
 def remote_reply(remote: remotes.Remote, exc: BaseException) -> Reply:
     """SPEC 4.1: a remote's 5xx passes through, prefixed by its host; the rest is 451 4.4.1."""
-    code, text = 0, b""
-    if isinstance(exc, smtplib.SMTPRecipientsRefused) and exc.recipients:
-        code, text = next(iter(exc.recipients.values()))
-    elif isinstance(exc, smtplib.SMTPResponseException):
-        code, text = exc.smtp_code, exc.smtp_error
+    code, text = remotes.answer(exc)
     if not 500 <= code <= 599:
         return replies.FORWARD_TEMPFAIL
     words = remotes.reply_text(text).split(" ", 1)

@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Pattern, Tuple
 from urllib.parse import unquote, urlsplit
 
+from . import metrics
+
 DEFAULT_PORTS = {"smtp": 25, "starttls": 587, "tls": 465, "smtps": 465}
 AUTH_METHODS = ("plain", "login")
 
@@ -45,16 +47,19 @@ class Remote:
     def implicit_tls(self) -> bool:
         return self.scheme in ("tls", "smtps")
 
+    @property
+    def endpoint(self) -> str:
+        """host:port ([host]:port for IPv6): names the remote without its user."""
+        return "%s:%d" % ("[%s]" % self.host if ":" in self.host else self.host, self.port)
+
     def masked(self) -> str:
         """The URL with the password replaced by `***`, safe to log."""
         if self.scheme == "file":
             return "file:%s" % self.path
-        host = "[%s]" % self.host if ":" in self.host else self.host
         cred = ""
         if self.username is not None:
             cred = self.username + (":***" if self.password is not None else "") + "@"
-        return "%s://%s%s:%d%s" % (self.scheme, cred, host, self.port,
-                                   "/" + self.sender if self.sender else "")
+        return "%s://%s%s%s" % (self.scheme, cred, self.endpoint, "/" + self.sender if self.sender else "")
 
     def admits(self, rcpt: str) -> bool:
         """True when the `recipient=` filter takes this address (SPEC 5.2)."""
@@ -260,6 +265,7 @@ class Dispatcher:
 
         `message` has CRLF line ends and is sent byte for byte (dot-stuffed on
         the wire [R5321 4.5.2]). `remote.sender`, when set, replaces `sender`.
+        The outcome and the time it took go to the remote metrics (SPEC 12).
 
         Raises:
             smtplib.SMTPResponseException: the remote refused with this reply
@@ -268,6 +274,17 @@ class Dispatcher:
             SetupFailed, OSError: STARTTLS or AUTH failed, connection refused,
                 dropped or timed out (smtplib.SMTPException is an OSError).
         """
+        started = time.monotonic()
+        try:
+            reply = self._send(remote, sender, rcpts, message)
+        except Exception as exc:
+            _count(remote, "rejected" if 500 <= answer(exc)[0] <= 599 else "tempfailed", started)
+            raise
+        _count(remote, "delivered", started)
+        return reply
+
+    def _send(self, remote: Remote, sender: str, rcpts: List[str], message: bytes) -> str:
+        """send() without the counting: a pooled connection when one is idle, else a new one."""
         if remote.sender is not None:
             sender = remote.sender
         conn = self._checkout(remote)
@@ -399,6 +416,21 @@ class Dispatcher:
                     stack[:] = keep
             for conn in expired:
                 conn.close(polite=True)
+
+
+def answer(exc: BaseException) -> Tuple[int, bytes]:
+    """(code, text) of the remote's refusal that raised `exc`, or (0, b"")
+    when the remote never answered (connection, TLS, timeout)."""
+    if isinstance(exc, smtplib.SMTPRecipientsRefused) and exc.recipients:
+        return next(iter(exc.recipients.values()))
+    if isinstance(exc, smtplib.SMTPResponseException):
+        return exc.smtp_code, exc.smtp_error
+    return 0, b""
+
+
+def _count(remote: Remote, outcome: str, started: float) -> None:
+    metrics.REMOTE_DELIVERIES.labels(remote.endpoint, outcome).inc()
+    metrics.REMOTE_SECONDS.labels(remote.endpoint).observe(time.monotonic() - started)
 
 
 def _use_kernel_timeouts(sock: socket.socket, seconds: float) -> None:

@@ -23,10 +23,11 @@ import threading
 import warnings
 from typing import List, Optional, Set, Tuple
 
-from relay_lib import policy, replies
+from relay_lib import metrics, policy, replies
 from relay_lib.config import ConfigError, Listener
 from relay_lib.delivery import Delivery
 from relay_lib.logs import fields, log
+from relay_lib.metrics_http import MetricsHTTPServer
 from relay_lib.replies import Reply
 from relay_lib.session import Session
 from relay_lib.wire import Wire, WireError
@@ -191,22 +192,16 @@ def _address(listener: Listener) -> Tuple[int, tuple, bool]:
         return info[0][0], info[0][4][:2], False
 
 
-class RelayServer(socketserver.ThreadingTCPServer):
-    """One listen address. Admission happens here, in the accept thread, so a
-    refused client never costs a thread (except on tls://, see below).
+class _ListenSocket:
+    """What every listening socket here gets, SMTP or metrics: the address
+    family of its Listener, dual stack for "every address", no port stealing.
     """
 
-    daemon_threads = True  # a stuck client must not keep the process alive
-    block_on_close = False  # stop() waits on the slots, with a time limit
     allow_reuse_address = os.name != "nt"  # on Windows it would allow port stealing
-    request_queue_size = ACCEPT_QUEUE
 
-    def __init__(self, relay: "Relay", listener: Listener):
-        family, address, self.dual_stack = _address(listener)
-        self.address_family = family
-        self.relay = relay
-        self.listener = listener
-        super().__init__(address, _Handler)
+    def __init__(self, listener: Listener, *args):
+        self.address_family, address, self.dual_stack = _address(listener)
+        super().__init__(address, *args)
 
     def server_bind(self) -> None:
         if self.dual_stack and hasattr(socket, "IPV6_V6ONLY"):
@@ -216,6 +211,27 @@ class RelayServer(socketserver.ThreadingTCPServer):
             # Windows only: no other program may bind our port while we hold it.
             self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_EXCLUSIVEADDRUSE, 1)
         super().server_bind()
+
+
+class _MetricsServer(_ListenSocket, MetricsHTTPServer):
+    """The metrics_listen endpoint (SPEC 12) on a socket bound like the others."""
+
+
+class RelayServer(_ListenSocket, socketserver.ThreadingTCPServer):
+    """One listen address. Admission happens here, in the accept thread, so a
+    refused client never costs a thread (except on tls://, see below).
+    """
+
+    daemon_threads = True  # a stuck client must not keep the process alive
+    block_on_close = False  # stop() waits on the slots, with a time limit
+    request_queue_size = ACCEPT_QUEUE
+
+    def __init__(self, relay: "Relay", listener: Listener):
+        self.relay = relay
+        self.listener = listener
+        super().__init__(listener, _Handler)
+        label = str(listener._replace(port=self.server_address[1]))  # port 0: the one bound
+        self.sessions_open, self.sessions = metrics.SESSIONS_OPEN.labels(label), metrics.SESSIONS.labels(label)
 
     def process_request(self, request, client_address) -> None:
         refusal = self.relay._admit(client_address[0])
@@ -232,6 +248,8 @@ class RelayServer(socketserver.ThreadingTCPServer):
         # As socketserver's, except that the socket is only closed at the end:
         # the session's Wire has already shut it down and closed it, and a
         # second shutdown() would only fail.
+        self.sessions.inc()
+        self.sessions_open.inc()
         try:
             self.finish_request(request, client_address)
         except Exception:
@@ -239,6 +257,7 @@ class RelayServer(socketserver.ThreadingTCPServer):
         finally:
             self.close_request(request)
             self.relay._slots.release()
+            self.sessions_open.dec()
 
     def handle_error(self, request, client_address) -> None:
         # socketserver prints a traceback to stderr; log it instead.
@@ -269,6 +288,7 @@ class Relay:
         self.tls_context: Optional[ssl.SSLContext] = None
         self.addresses: List[Tuple[str, str, int]] = []
         self._servers: List[RelayServer] = []
+        self._metrics: Optional[_MetricsServer] = None
         self._threads: List[threading.Thread] = []
         self._slots = _Slots(settings.max_connections)
         self._tls_refusals = threading.BoundedSemaphore(MAX_TLS_REFUSALS)
@@ -280,6 +300,15 @@ class Relay:
     @property
     def active_sessions(self) -> int:
         return self._slots.count
+
+    @property
+    def metrics_address(self) -> Optional[Tuple[str, int]]:
+        """(host, port) that serves /metrics, or None without metrics_listen."""
+        return self._metrics.server_address[:2] if self._metrics is not None else None
+
+    def healthy(self) -> bool:
+        """/healthz (SPEC 12): listening, and not shutting down."""
+        return not self._stopping and any(t.is_alive() for t in self._threads)
 
     def start(self) -> None:
         """Bind every listener and start serving.
@@ -295,6 +324,8 @@ class Relay:
                 self._servers.append(server)
                 host, port = server.server_address[:2]
                 self.addresses.append((listener.scheme, host, port))
+            if self.settings.metrics_listen is not None:
+                self._metrics = self._bind_metrics(self.settings.metrics_listen)
         except BaseException:
             for server in self._servers:
                 server.server_close()
@@ -307,6 +338,16 @@ class Relay:
             thread.start()
             self._threads.append(thread)
             log.info("listening on %s:%d (%s)", "[%s]" % host if ":" in host else host, port, scheme)
+        if self._metrics is not None:
+            self._metrics.start()
+            log.info("metrics on %s", self.settings.metrics_listen._replace(port=self.metrics_address[1]))
+
+    def _bind_metrics(self, listener: Listener) -> _MetricsServer:
+        """Raises: OSError naming metrics_listen and its address."""
+        try:
+            return _MetricsServer(listener, self.healthy)
+        except OSError as exc:
+            raise OSError(exc.errno, "metrics_listen %s: %s" % (listener, exc.strerror or exc)) from None
 
     def stop(self, timeout: Optional[float] = None) -> None:
         """Stop accepting, end idle sessions with 421 4.3.2, and wait for
@@ -329,18 +370,23 @@ class Relay:
         if not self._slots.wait_empty(timeout):
             log.warning("sessions still running at shutdown", extra=fields(count=self._slots.count))
         self.delivery.close()
+        if self._metrics is not None:
+            self._metrics.stop()
 
     # ---- called from the listener threads ---------------------------------
 
     def _admit(self, ip: str) -> Optional[Reply]:
         """None and a taken slot, or the refusal for this client (SPEC 3.1)."""
         if self._stopping:
+            metrics.CONNECTIONS_REFUSED.labels("shutting_down").inc()
             return replies.SHUTTING_DOWN
         refusal = policy.check_peer(self.settings, ip)
         if refusal is not None:
+            metrics.CONNECTIONS_REFUSED.labels("not_allowed").inc()
             log.warning("connection refused: address not in allowed_nets", extra=fields(peer=ip))
             return refusal
         if not self._slots.try_acquire():
+            metrics.CONNECTIONS_REFUSED.labels("too_many").inc()
             log.warning("connection refused: max_connections reached",
                         extra=fields(peer=ip, max_connections=self.settings.max_connections))
             return replies.too_many_connections(self.settings.hostname)
@@ -387,6 +433,7 @@ class Relay:
             try:
                 wire.start_tls(self.tls_context)
             except WireError as exc:
+                metrics.CONNECTIONS_REFUSED.labels("tls_handshake").inc()
                 log.warning("tls handshake failed", extra=fields(peer=ip, reason=str(exc)))
                 return
         session = Session(settings, wire, ip, self.delivery, users=self.users, aliases=self.aliases,

@@ -21,7 +21,7 @@ import threading
 from datetime import datetime, timezone
 from typing import Callable, Dict, List, Optional, Tuple
 
-from relay_lib import policy, replies
+from relay_lib import metrics, policy, replies
 from relay_lib.delivery import Delivery, Envelope, new_message_id
 from relay_lib.logs import fields, session_logger
 from relay_lib.replies import Reply, SmtpError, clean_echo
@@ -502,7 +502,9 @@ class Session:
         envelope = self.envelope
         self._enter(Phase.READY)
         body, size = self.wire.read_data(self.settings.max_message_size)
+        metrics.RECEIVED_BYTES.add(size)
         if body is None:
+            metrics.MESSAGES.labels("rejected").inc()
             self.log.warning("message too big", extra=fields(
                 size=size, limit=self.settings.max_message_size))
             self._fail(replies.TOO_BIG)

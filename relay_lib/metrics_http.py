@@ -1,0 +1,105 @@
+"""The HTTP endpoint of `metrics_listen` (SPEC 12): `GET /metrics` and
+`GET /healthz`, from a `ThreadingHTTPServer` in a thread of its own.
+
+Owns that server and its limits: one request per connection, short socket
+timeouts, a few requests at a time, 404 for any other path. Must not count
+anything: it renders `metrics.REGISTRY` and asks its caller whether the relay
+is healthy. Only `server.py` starts it.
+"""
+
+import socket
+import socketserver
+import threading
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Callable
+from urllib.parse import urlsplit
+
+from .logs import fields, log
+from .metrics import REGISTRY
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"  # the Prometheus text format
+SOCKET_TIMEOUT = 5.0  # seconds for each read and write of a request
+MAX_REQUESTS = 4  # requests served at once; more are closed unanswered
+POLL_INTERVAL = 0.1  # seconds; how fast serve_forever notices shutdown()
+
+
+class _Handler(BaseHTTPRequestHandler):
+    timeout = SOCKET_TIMEOUT
+    server_version = "smtprelay"
+    sys_version = ""
+
+    def do_GET(self) -> None:
+        path = urlsplit(self.path).path
+        if path == "/metrics":
+            self._answer(HTTPStatus.OK, REGISTRY.render(), CONTENT_TYPE)
+        elif path == "/healthz":
+            if self.server.healthy():
+                self._answer(HTTPStatus.OK, "ok\n")
+            else:
+                self._answer(HTTPStatus.SERVICE_UNAVAILABLE, "unavailable\n")
+        else:
+            self._answer(HTTPStatus.NOT_FOUND, "not found\n")
+
+    def _answer(self, status: HTTPStatus, text: str, content_type: str = "text/plain; charset=utf-8") -> None:
+        body = text.encode("utf-8")
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Cache-Control", "no-store")
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args) -> None:  # noqa: A002 (http.server's signature)
+        # http.server writes every request to stderr; a scrape is not news.
+        log.debug("metrics request", extra=fields(peer=self.client_address[0], request=format % args))
+
+
+class MetricsHTTPServer(ThreadingHTTPServer):
+    """Serves /metrics and /healthz; `healthy()` decides /healthz.
+
+    Methods for the caller: start() and stop(); bind in the constructor.
+    """
+
+    daemon_threads = True  # a stuck scraper must not keep the process alive
+
+    def __init__(self, address, healthy: Callable[[], bool]):
+        self.healthy = healthy
+        self._requests = threading.BoundedSemaphore(MAX_REQUESTS)
+        self._thread = threading.Thread(target=self.serve_forever, args=(POLL_INTERVAL,),
+                                        name="smtprelay-metrics", daemon=True)
+        super().__init__(address, _Handler)
+
+    def server_bind(self) -> None:
+        # HTTPServer's would also look up our own host name (getfqdn), which
+        # can wait on a slow DNS at start-up for a name nothing here uses.
+        socketserver.TCPServer.server_bind(self)
+
+    def process_request(self, request: socket.socket, client_address) -> None:
+        if not self._requests.acquire(blocking=False):
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except Exception:
+            self._requests.release()  # no thread will run to release it
+            raise
+
+    def process_request_thread(self, request: socket.socket, client_address) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._requests.release()
+
+    def handle_error(self, request, client_address) -> None:
+        log.debug("metrics request failed", extra=fields(peer=client_address[0]), exc_info=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop serving and close the socket; waits for the serving thread."""
+        if self._thread.is_alive():
+            self.shutdown()
+            self._thread.join()
+        self.server_close()
