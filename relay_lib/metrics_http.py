@@ -50,9 +50,9 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
-    def log_message(self, format: str, *args) -> None:  # noqa: A002 (http.server's signature)
+    def log_message(self, fmt: str, *args) -> None:
         # http.server writes every request to stderr; a scrape is not news.
-        log.debug("metrics request", extra=fields(peer=self.client_address[0], request=format % args))
+        log.debug("metrics request", extra=fields(peer=self.client_address[0], request=fmt % args))
 
 
 class MetricsHTTPServer(ThreadingHTTPServer):
