@@ -138,7 +138,9 @@ class Family:
     def render(self, out: List[str]) -> None:
         out.append("# HELP %s %s" % (self.name, _escape_help(self.help)))
         out.append("# TYPE %s %s" % (self.name, self.kind))
-        for values, child in sorted(self._children.items()):
+        with self._lock:  # a child may be added meanwhile
+            children = sorted(self._children.items())
+        for values, child in children:
             if self.kind == "histogram":
                 bounds, counts, total = child.snapshot()
                 for bound, count in zip([_number(float(b)) for b in bounds] + ["+Inf"], counts):
