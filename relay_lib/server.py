@@ -277,7 +277,8 @@ class _Handler(socketserver.BaseRequestHandler):
 class Relay:
     """The whole SMTP side: every listener, shared tables, shutdown.
 
-    Methods for the caller: start(), stop(), addresses, active_sessions.
+    Methods for the caller: start(), stop(), addresses, active_sessions,
+    metrics_address, healthy().
     """
 
     def __init__(self, settings, delivery: Optional[Delivery] = None):
