@@ -156,8 +156,9 @@ class Destination:
     """Where one copy of a message goes (SPEC 11): a single remote, or the
     members of a failover group in the order listed.
 
-    `name` is stable across restarts: the group's `failover=NAME`, or the
-    single remote's masked URL.
+    `name` is unique among the destinations and stable across restarts of
+    the same configuration: the group's `failover=NAME`, or the single
+    remote's masked URL, with `#2`, `#3`... when that is already taken.
     """
 
     name: str
@@ -181,8 +182,16 @@ def destinations(remotes: Tuple[Remote, ...]) -> Tuple[Destination, ...]:
         else:
             groups[remote.failover] = [remote]
             order.append(remote.failover)
-    return tuple(Destination(item, tuple(groups[item])) if isinstance(item, str)
-                 else Destination(item.masked(), (item,)) for item in order)
+    built, taken = [], set()
+    for item in order:
+        name = item if isinstance(item, str) else item.masked()
+        unique, count = name, 1
+        while unique in taken:
+            count += 1
+            unique = "%s#%d" % (name, count)
+        taken.add(unique)
+        built.append(Destination(unique, tuple(groups[item]) if isinstance(item, str) else (item,)))
+    return tuple(built)
 
 
 def route(remotes: Tuple[Remote, ...], sender: str, rcpts, strict_sender: bool):

@@ -41,14 +41,16 @@ def blackhole():
     sock.close()
 
 
-def test_11_group_is_one_destination_named_by_failover(tmp_path):
-    one, two, single = (parse_remote(u) for u in (
-        "smtp://a.test?failover=mx", "smtp://b.test?failover=mx", "smtp://c.test"))
-    dests = destinations((one, single, two))
-    assert [(d.name, d.members) for d in dests] == [("mx", (one, two)), ("smtp://c.test:25", (single,))]
+def test_11_group_is_one_destination_named_by_failover():
+    one, two, single, same = (parse_remote(u) for u in (
+        "smtp://a.test?failover=mx", "smtp://b.test?failover=mx", "smtp://c.test",
+        "smtp://c.test?recipient=.*@c.test"))
+    dests = destinations((one, single, two, same))
+    assert [(d.name, d.members) for d in dests] == [
+        ("mx", (one, two)), ("smtp://c.test:25", (single,)), ("smtp://c.test:25#2", (same,))]
 
 
-def test_11_empty_failover_name_is_a_config_error(tmp_path):
+def test_11_empty_failover_name_is_a_config_error():
     with pytest.raises(config.ConfigError, match="failover needs a group name"):
         config.load(flags={"remotes": "smtp://a.test?failover="}, environ={})
 
