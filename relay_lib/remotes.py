@@ -21,7 +21,6 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
-from functools import lru_cache
 from typing import Callable, Dict, List, Optional, Pattern, Tuple, Union
 from urllib.parse import unquote, urlsplit
 
@@ -166,12 +165,24 @@ class Destination:
 
     def admits(self, rcpt: str) -> bool:
         """A group admits a recipient when any member does."""
-        return any(m.admits(rcpt) for m in self.members)
+        for member in self.members:
+            if member.admits(rcpt):
+                return True
+        return False
 
 
-@lru_cache(maxsize=16)
+_last_destinations: Tuple[object, Tuple[Destination, ...]] = (None, ())
+
+
 def destinations(remotes: Tuple[Remote, ...]) -> Tuple[Destination, ...]:
-    """The remotes as destinations, each group where its first member is listed."""
+    """The remotes as destinations, each group where its first member is listed.
+
+    Built once per remotes tuple (route() runs at every RCPT and message).
+    """
+    global _last_destinations
+    cached = _last_destinations
+    if cached[0] is remotes:
+        return cached[1]
     groups: Dict[str, List[Remote]] = {}
     order: List[object] = []
     for remote in remotes:
@@ -191,7 +202,9 @@ def destinations(remotes: Tuple[Remote, ...]) -> Tuple[Destination, ...]:
             unique = "%s#%d" % (name, count)
         taken.add(unique)
         built.append(Destination(unique, tuple(groups[item]) if isinstance(item, str) else (item,)))
-    return tuple(built)
+    result = tuple(built)
+    _last_destinations = (remotes, result)  # one tuple assignment: safe to race between threads
+    return result
 
 
 def route(remotes: Tuple[Remote, ...], sender: str, rcpts, strict_sender: bool):
