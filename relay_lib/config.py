@@ -231,6 +231,7 @@ OPTIONS: Tuple[Option, ...] = (
     Option("max_message_size", "10240000", _integer(1), "largest message in bytes"),
     Option("max_recipients", "100", _integer(1), "most RCPT per message"),
     Option("allowed_nets", "127.0.0.0/8 ::1/128", parse_nets, "networks allowed to connect; empty is any"),
+    Option("proxy_nets", "", parse_nets, "load balancers whose connections start with a PROXY protocol header"),
     Option("allowed_sender", "", parse_regex, "regex a MAIL FROM address must match"),
     Option("allowed_recipients", "", parse_regex, "regex each RCPT TO address must match"),
     Option("allowed_users", "", _optional, "users file; when set, AUTH is required", path=True),
@@ -240,6 +241,7 @@ OPTIONS: Tuple[Option, ...] = (
     Option("remote_certificate", "", _optional, "client certificate for TLS to remotes", path=True),
     Option("remote_key", "", _optional, "private key for remote_certificate", path=True),
     Option("remote_timeout", "60s", _timeout(0.001), "connect and per-command timeout towards remotes"),
+    Option("failover_skip", "30s", _timeout(0.001), "skip a failover member this long after it failed to connect"),
     Option("remote_pool_size", "20", _integer(0), "idle connections kept per remote; 0 disables reuse"),
     Option("remote_pool_idle", "30s", _timeout(0.001), "close a pooled remote connection idle this long"),
     Option("command", "", parse_command, "program that receives each message on stdin"),
@@ -272,6 +274,7 @@ class Settings:
     max_message_size: int
     max_recipients: int
     allowed_nets: tuple
+    proxy_nets: tuple
     allowed_sender: Optional[Pattern]
     allowed_recipients: Optional[Pattern]
     allowed_users: Optional[str]
@@ -281,6 +284,7 @@ class Settings:
     remote_certificate: Optional[str]
     remote_key: Optional[str]
     remote_timeout: float
+    failover_skip: float
     remote_pool_size: int
     remote_pool_idle: float
     command: Tuple[str, ...]

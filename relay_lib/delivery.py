@@ -101,7 +101,8 @@ class Delivery:
         self.dispatcher = remotes.Dispatcher(
             settings.hostname, settings.remote_timeout,
             client_cert=settings.remote_certificate, client_key=settings.remote_key,
-            pool_size=settings.remote_pool_size, pool_idle=settings.remote_pool_idle)
+            pool_size=settings.remote_pool_size, pool_idle=settings.remote_pool_idle,
+            failover_skip=settings.failover_skip)
         # Built once: loading the system trust store per webhook call is slow.
         self.webhook_context = ssl.create_default_context() if settings.webhook_url else None
 
@@ -173,22 +174,27 @@ class Delivery:
         return replies.SCAN_UNAVAILABLE
 
     def _forward(self, env: Envelope, plan, message: bytes, results: List[str]) -> Reply:
-        """One transaction per remote, in the order listed; the first failure stops (SPEC 5.3)."""
-        for remote, rcpts in plan:
-            try:
-                if remote.scheme == "file":
-                    remotes.write_file(remote.path, env.id, self._envelope_json(env, rcpts, message),
-                                       message)
-                    outcome = "ok"
-                else:
-                    outcome = self.dispatcher.send(remote, env.mail_from, rcpts, message)
-            except Exception as exc:  # noqa: BLE001 (remote_reply maps each kind, SPEC 4.1)
-                reply = remote_reply(remote, exc)
+        """One transaction per destination, in the order listed; the first
+        failure stops (SPEC 5.3). A failover group tries its members (SPEC 11)."""
+        def send(remote: remotes.Remote, rcpts: List[str]) -> str:
+            if remote.scheme == "file":
+                remotes.write_file(remote.path, env.id, self._envelope_json(env, rcpts, message), message)
+                return "ok"
+            return self.dispatcher.send(remote, env.mail_from, rcpts, message)
+
+        def attempted(remote: remotes.Remote, outcome: remotes.Outcome) -> None:
+            if isinstance(outcome, Exception):
+                reply = remote_reply(remote, outcome)
                 results.append("%s %s" % (remote.masked(), reply.code))
                 log.warning("remote failed", extra=fields(
-                    id=env.id, remote=remote.masked(), error=_describe(exc), reply=str(reply)))
-                return reply
-            results.append("%s %s" % (remote.masked(), outcome))
+                    id=env.id, remote=remote.masked(), error=_describe(outcome), reply=str(reply)))
+            else:
+                results.append("%s %s" % (remote.masked(), outcome))
+
+        for dest, rcpts in plan:
+            failed = remotes.deliver(dest, rcpts, send, attempted, self.dispatcher.is_down)
+            if failed is not None:
+                return remote_reply(*failed)
         return replies.accepted(env.id)
 
     def _scan(self, env: Envelope, message: bytes) -> webhook.Verdict:
@@ -233,7 +239,7 @@ class Delivery:
 
 def remote_reply(remote: remotes.Remote, exc: BaseException) -> Reply:
     """SPEC 4.1: a remote's 5xx passes through, prefixed by its host; the rest is 451 4.4.1."""
-    code, text = remotes.answer(exc)
+    code, text = remotes.failure_code(exc)
     if not 500 <= code <= 599:
         return replies.FORWARD_TEMPFAIL
     words = remotes.reply_text(text).split(" ", 1)

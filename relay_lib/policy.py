@@ -31,12 +31,15 @@ def peer_address(ip: str):
     return addr
 
 
+def in_nets(ip: str, nets: tuple) -> bool:
+    """True when the address is in one of the networks."""
+    addr = peer_address(ip)
+    return any(addr.version == net.version and addr in net for net in nets)
+
+
 def check_peer(settings: Settings, ip: str) -> Optional[Reply]:
     """allowed_nets at connect (SPEC 3.1)."""
-    if not settings.allowed_nets:
-        return None
-    addr = peer_address(ip)
-    if any(addr.version == net.version and addr in net for net in settings.allowed_nets):
+    if not settings.allowed_nets or in_nets(ip, settings.allowed_nets):
         return None
     return replies.ACCESS_DENIED
 

@@ -1,8 +1,10 @@
-"""Remotes: the SPEC 5.1 URL grammar, routing by recipient, and sending.
+"""Remotes: the SPEC 5.1 URL grammar, routing by recipient, failover groups
+(SPEC 11), and sending.
 
-Owns `Remote` (whose repr never shows the password) and everything that talks
-to an upstream server or writes the `file:` outbox. Must not know about the
-client session: it takes an envelope and bytes and raises on failure.
+Owns `Remote` (whose repr never shows the password), `Destination` (one
+remote, or a failover group tried member after member) and everything that
+talks to an upstream server or writes the `file:` outbox. Must not know about
+the client session: it takes an envelope and bytes and raises on failure.
 """
 
 import functools
@@ -20,7 +22,7 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Pattern, Tuple
+from typing import Callable, Dict, List, Optional, Pattern, Tuple, Union
 from urllib.parse import unquote, urlsplit
 
 from . import metrics
@@ -43,6 +45,7 @@ class Remote:
     skip_verify: bool = False
     recipient: Optional[Pattern] = None
     path: Optional[str] = None
+    failover: Optional[str] = None
 
     @property
     def implicit_tls(self) -> bool:
@@ -116,6 +119,9 @@ def parse_remote(url: str) -> Remote:
             recipient = re.compile(pattern, re.IGNORECASE)
         except re.error as exc:
             raise ValueError("%s: recipient=%s is not a valid regex: %s" % (_mask_raw(url), pattern, exc))
+    failover = params.pop("failover", None)
+    if failover is not None and not failover:
+        raise ValueError("%s: failover needs a group name (failover=NAME)" % _mask_raw(url))
     if params:
         raise ValueError("%s: unknown parameter %s" % (_mask_raw(url), ", ".join(sorted(params))))
     sender = unquote(parts.path.lstrip("/")) or None
@@ -129,6 +135,7 @@ def parse_remote(url: str) -> Remote:
         auth=auth,
         skip_verify=skip in ("", "true", "1"),
         recipient=recipient,
+        failover=failover,
     )
 
 
@@ -149,16 +156,127 @@ def _mask_raw(url: str) -> str:
     return scheme + sep + rest
 
 
-def route(remotes: Tuple[Remote, ...], sender: str, rcpts, strict_sender: bool):
-    """Pair each taking-part remote with the recipients it admits (SPEC 5.2)."""
-    plan = []
+@dataclass(frozen=True)
+class Destination:
+    """Where one copy of a message goes (SPEC 11): a single remote, or the
+    members of a failover group in the order listed.
+
+    `name` is unique among the destinations and stable across restarts of
+    the same configuration: the group's `failover=NAME`, or the single
+    remote's masked URL, with `#2`, `#3`... when that is already taken.
+    """
+
+    name: str
+    members: Tuple[Remote, ...]
+
+    def admits(self, rcpt: str) -> bool:
+        """A group admits a recipient when any member does."""
+        for member in self.members:
+            if member.admits(rcpt):
+                return True
+        return False
+
+
+_last_destinations: Tuple[object, Tuple[Destination, ...]] = (None, ())
+
+
+def destinations(remotes: Tuple[Remote, ...]) -> Tuple[Destination, ...]:
+    """The remotes as destinations, each group where its first member is listed.
+
+    Built once per remotes tuple (route() runs at every RCPT and message).
+    """
+    global _last_destinations
+    cached = _last_destinations
+    if cached[0] is remotes:
+        return cached[1]
+    groups: Dict[str, List[Remote]] = {}
+    order: List[object] = []
     for remote in remotes:
-        if strict_sender and (remote.sender or "").lower() != sender.lower():
-            continue
-        mine = [r for r in rcpts if remote.admits(r)]
+        if remote.failover is None:
+            order.append(remote)
+        elif remote.failover in groups:
+            groups[remote.failover].append(remote)
+        else:
+            groups[remote.failover] = [remote]
+            order.append(remote.failover)
+    built, taken = [], set()
+    for item in order:
+        name = item if isinstance(item, str) else item.masked()
+        unique, count = name, 1
+        while unique in taken:
+            count += 1
+            unique = "%s#%d" % (name, count)
+        taken.add(unique)
+        built.append(Destination(unique, tuple(groups[item]) if isinstance(item, str) else (item,)))
+    result = tuple(built)
+    _last_destinations = (remotes, result)  # one tuple assignment: safe to race between threads
+    return result
+
+
+def route(remotes: Tuple[Remote, ...], sender: str, rcpts, strict_sender: bool):
+    """Pair each taking-part destination with the recipients it admits
+    (SPEC 5.2); in a group, routing applies to each member (SPEC 11)."""
+    plan = []
+    for dest in destinations(remotes):
+        if strict_sender:
+            members = tuple(m for m in dest.members if (m.sender or "").lower() == sender.lower())
+            if len(members) != len(dest.members):
+                dest = Destination(dest.name, members)
+        mine = [r for r in rcpts if dest.admits(r)]
         if mine:
-            plan.append((remote, mine))
+            plan.append((dest, mine))
     return plan
+
+
+Outcome = Union[str, Exception]  # a member's final reply, or what it raised
+
+
+def failure_code(exc: BaseException) -> Tuple[int, bytes]:
+    """The reply code and text a remote gave about the message, or (0, b"")
+    when it gave none (SetupFailed, a refused or dropped connection)."""
+    if isinstance(exc, smtplib.SMTPRecipientsRefused) and exc.recipients:
+        return next(iter(exc.recipients.values()))
+    if isinstance(exc, smtplib.SMTPResponseException):
+        return exc.smtp_code, exc.smtp_error
+    return 0, b""
+
+
+def deliver(dest: Destination, rcpts: List[str], send: Callable[[Remote, List[str]], str],
+            attempted: Callable[[Remote, Outcome], None],
+            is_down: Callable[[Remote], bool]) -> Optional[Tuple[Remote, Exception]]:
+    """Hand `rcpts` to a destination; None when every one was taken, else the
+    member and the failure that decide the reply (SPEC 11).
+
+    Members are tried in order, each with the pending recipients it admits,
+    the next one only after a temporary failure: a 5xx is the destination's
+    answer. Members that `is_down` are left out, unless a recipient is
+    admitted by no other member: then all are tried, in order. `attempted`
+    hears each member's outcome, for the log.
+    """
+    members = live = dest.members
+    if len(members) > 1:
+        live = tuple(m for m in members if not is_down(m))
+        if len(live) != len(members) and not all(any(m.admits(r) for m in live) for r in rcpts):
+            live = members
+    pending = list(rcpts)
+    failure = None
+    for remote in live:
+        mine = [r for r in pending if remote.admits(r)]
+        if not mine:
+            continue
+        try:
+            outcome = send(remote, mine)
+        except Exception as exc:  # noqa: BLE001 (the caller maps each kind, SPEC 4.1)
+            attempted(remote, exc)
+            failure = (remote, exc)
+            if 500 <= failure_code(exc)[0] <= 599:
+                return failure
+            continue
+        attempted(remote, outcome)
+        pending = [r for r in pending if r not in mine]
+        if not pending:
+            return None
+    return failure
 
 
 # ---------------------------------------------------------------------------
@@ -242,15 +360,22 @@ class Dispatcher:
 
     Thread-safe: each connection is used by one thread at a time. At most
     `pool_size` idle connections are kept per remote (0 disables reuse); a
-    connection idle longer than `pool_idle` seconds is closed.
+    connection idle longer than `pool_idle` seconds is closed. A remote that
+    could not be connected to, greeted, TLS-upgraded or authenticated is
+    down (`is_down`) for `failover_skip` seconds, or until it works again.
     """
 
     def __init__(self, hostname: str, timeout: float, client_cert: Optional[str] = None,
-                 client_key: Optional[str] = None, pool_size: int = 20, pool_idle: float = 30.0):
+                 client_key: Optional[str] = None, pool_size: int = 20, pool_idle: float = 30.0,
+                 failover_skip: float = 30.0):
         self.hostname = hostname
         self.timeout = timeout
         self.pool_size = pool_size
         self.pool_idle = pool_idle
+        self.failover_skip = failover_skip
+        # Remote -> monotonic time until which it is skipped. Each read and
+        # write is one atomic dict operation: no lock needed.
+        self._down: Dict[Remote, float] = {}
         # One context per verification mode, built once: creating a context
         # loads the system trust store, far too slow to do per message.
         self._contexts = {flag: _client_context(flag, client_cert, client_key)
@@ -279,7 +404,7 @@ class Dispatcher:
         try:
             reply = self._send(remote, sender, rcpts, message)
         except Exception as exc:
-            _count(remote, "rejected" if 500 <= answer(exc)[0] <= 599 else "tempfailed", started)
+            _count(remote, "rejected" if 500 <= failure_code(exc)[0] <= 599 else "tempfailed", started)
             raise
         _count(remote, "delivered", started)
         return reply
@@ -300,7 +425,13 @@ class Dispatcher:
             else:
                 self._checkin(remote, conn)
                 return reply
-        conn = self._open(remote)
+        try:
+            conn = self._open(remote)
+        except Exception:
+            self._down[remote] = time.monotonic() + self.failover_skip
+            raise
+        if self._down:
+            self._down.pop(remote, None)
         try:
             reply = _transaction(conn, sender, rcpts, message, reused=False)
         except BaseException:
@@ -321,6 +452,10 @@ class Dispatcher:
         reaper = self._reaper
         if reaper is not None and reaper is not threading.current_thread():
             reaper.join(_QUIT_TIMEOUT)
+
+    def is_down(self, remote: Remote) -> bool:
+        """True while a remote that failed to connect or set up is skipped (SPEC 11)."""
+        return self._down.get(remote, 0.0) > time.monotonic()
 
     def idle_count(self, remote: Remote) -> int:
         """How many idle connections the pool holds for remote (for tests and logs)."""
@@ -417,16 +552,6 @@ class Dispatcher:
                     stack[:] = keep
             for conn in expired:
                 conn.close(polite=True)
-
-
-def answer(exc: BaseException) -> Tuple[int, bytes]:
-    """(code, text) of the remote's refusal that raised `exc`, or (0, b"")
-    when the remote never answered (connection, TLS, timeout)."""
-    if isinstance(exc, smtplib.SMTPRecipientsRefused) and exc.recipients:
-        return next(iter(exc.recipients.values()))
-    if isinstance(exc, smtplib.SMTPResponseException):
-        return exc.smtp_code, exc.smtp_error
-    return 0, b""
 
 
 def _count(remote: Remote, outcome: str, started: float) -> None:

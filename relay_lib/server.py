@@ -1,9 +1,10 @@
-"""Listeners, admission and lifecycle of the relay (SPEC 3.1, 6).
+"""Listeners, admission and lifecycle of the relay (SPEC 3.1, 6, 12).
 
 Owns the listening sockets (one `ThreadingTCPServer` per listen address), the
 connection slots of max_connections, the refusals at accept (allowed_nets,
-full server), the TLS contexts of `tls_profile`, and graceful shutdown. Must
-not speak SMTP past those first refusals: each admitted client is a `Session`.
+full server), which peers must send a PROXY header (proxy_nets), the TLS
+contexts of `tls_profile`, and graceful shutdown. Must not speak SMTP past
+those first refusals: each admitted client is a `Session`.
 
 Session threads are reused (`_Workers`): `ThreadingTCPServer` would start a
 thread per connection, and with one message per connection the clone, the
@@ -23,7 +24,7 @@ import threading
 import warnings
 from typing import List, Optional, Set, Tuple
 
-from relay_lib import metrics, policy, replies
+from relay_lib import metrics, policy, proxy, replies
 from relay_lib.config import ConfigError, Listener
 from relay_lib.delivery import Delivery
 from relay_lib.logs import fields, log
@@ -377,21 +378,52 @@ class Relay:
     # ---- called from the listener threads ---------------------------------
 
     def _admit(self, ip: str) -> Optional[Reply]:
-        """None and a taken slot, or the refusal for this client (SPEC 3.1)."""
+        """None and a taken slot, or the refusal for this client (SPEC 3.1).
+
+        A load balancer's connection is checked against allowed_nets only
+        once its PROXY header has named the client (see _serve).
+        """
         if self._stopping:
             metrics.CONNECTIONS_REFUSED.labels("shutting_down").inc()
             return replies.SHUTTING_DOWN
-        refusal = policy.check_peer(self.settings, ip)
-        if refusal is not None:
-            metrics.CONNECTIONS_REFUSED.labels("not_allowed").inc()
-            log.warning("connection refused: address not in allowed_nets", extra=fields(peer=ip))
-            return refusal
+        if not self._proxied(ip):
+            refusal = self._check_peer(ip)
+            if refusal is not None:
+                return refusal
         if not self._slots.try_acquire():
             metrics.CONNECTIONS_REFUSED.labels("too_many").inc()
             log.warning("connection refused: max_connections reached",
                         extra=fields(peer=ip, max_connections=self.settings.max_connections))
             return replies.too_many_connections(self.settings.hostname)
         return None
+
+    def _check_peer(self, ip: str) -> Optional[Reply]:
+        refusal = policy.check_peer(self.settings, ip)
+        if refusal is not None:
+            metrics.CONNECTIONS_REFUSED.labels("not_allowed").inc()
+            log.warning("connection refused: address not in allowed_nets", extra=fields(peer=ip))
+        return refusal
+
+    def _proxied(self, ip: str) -> bool:
+        """True when the peer is a load balancer that must send a PROXY header (SPEC 12)."""
+        return bool(self.settings.proxy_nets) and policy.in_nets(ip, self.settings.proxy_nets)
+
+    def _proxy_client(self, wire: Wire, ip: str) -> Optional[str]:
+        """The client address from the PROXY header the peer `ip` sends first,
+        `ip` itself for LOCAL, or None when the header is missing or bad and
+        the connection must be closed without a reply."""
+        try:
+            found = wire.read_proxy_header()
+        except (WireError, ValueError) as exc:
+            metrics.CONNECTIONS_REFUSED.labels("proxy_header").inc()
+            log.warning("connection closed: no valid PROXY header", extra=fields(peer=ip, reason=str(exc)))
+            return None
+        if found is proxy.LOCAL:
+            log.debug("PROXY header without a client address", extra=fields(peer=ip))
+            return ip
+        client = str(policy.peer_address(found[0]))
+        log.debug("PROXY header", extra=fields(peer=client, proxy=ip, port=found[1]))
+        return client
 
     def _refuse(self, server: RelayServer, sock: socket.socket, client_address, reply: Reply) -> None:
         """Send a refusal and close, without taking a session slot."""
@@ -413,23 +445,43 @@ class Relay:
 
     def _tls_refusal(self, server: RelayServer, sock: socket.socket, client_address,
                      reply: Reply) -> None:
+        ip = client_address[0]
         try:
-            wire = Wire(sock, self.settings.read_timeout, self.settings.write_timeout,
-                        self.settings.data_timeout)
-            try:
-                wire.start_tls(self.tls_context)
-                wire.write(reply)
-            except WireError as exc:
-                log.debug("could not send refusal", extra=fields(peer=client_address[0], reason=str(exc)))
-            wire.close()
+            wire = self._wire(sock)
+            # A load balancer's header comes before the TLS handshake.
+            if not self._proxied(ip) or self._proxy_client(wire, ip) is not None:
+                self._send_refusal(wire, True, ip, reply)
         finally:
             server.shutdown_request(sock)
             self._tls_refusals.release()
 
+    def _send_refusal(self, wire: Wire, tls: bool, ip: str, reply: Reply) -> None:
+        """Send a refusal on an accepted connection, inside TLS on tls://, and close."""
+        try:
+            if tls:
+                wire.start_tls(self.tls_context)
+            wire.write(reply)
+        except WireError as exc:
+            log.debug("could not send refusal", extra=fields(peer=ip, reason=str(exc)))
+        wire.close()
+
+    def _wire(self, sock: socket.socket) -> Wire:
+        s = self.settings
+        return Wire(sock, s.read_timeout, s.write_timeout, s.data_timeout)
+
     def _serve(self, sock: socket.socket, ip: str, listener: Listener) -> None:
-        """Run one admitted client: TLS first on tls://, then the session."""
+        """Run one admitted client: its PROXY header from a load balancer,
+        TLS on tls://, then the session."""
         settings = self.settings
-        wire = Wire(sock, settings.read_timeout, settings.write_timeout, settings.data_timeout)
+        wire = self._wire(sock)
+        if self._proxied(ip):
+            ip = self._proxy_client(wire, ip)
+            if ip is None:
+                return
+            refusal = self._check_peer(ip)
+            if refusal is not None:
+                self._send_refusal(wire, listener.scheme == "tls", ip, refusal)
+                return
         if listener.scheme == "tls":
             try:
                 wire.start_tls(self.tls_context)

@@ -21,6 +21,7 @@ import sys
 import time
 from typing import Optional, Tuple
 
+from relay_lib import proxy
 from relay_lib.replies import Reply
 
 MAX_LINE = 4096  # SPEC 3.2 (RFC 5321 4.5.3.1.4 asks for at least 512)
@@ -74,8 +75,9 @@ class LineTooLong(Exception):
 class Wire:
     """One client connection: framed reads, batched replies, timeouts, TLS.
 
-    Methods for the caller: read_line(), read_data(), write(), flush(),
-    start_tls(), tls_info(), has_buffered(), interrupt(), close().
+    Methods for the caller: read_proxy_header(), read_line(), read_data(),
+    write(), flush(), start_tls(), tls_info(), has_buffered(), interrupt(),
+    close().
     """
 
     def __init__(self, sock: socket.socket, read_timeout: float,
@@ -109,6 +111,28 @@ class Wire:
     def has_buffered(self) -> bool:
         """True when pipelined input is waiting to be read."""
         return bool(self._buf)
+
+    def read_proxy_header(self) -> proxy.Result:
+        """The PROXY protocol header (SPEC 12): the first bytes, all within
+        read_timeout. Returns proxy.parse's (address, port) or proxy.LOCAL.
+
+        Bytes are peeked before they are taken, so not one byte past the
+        header is consumed: on tls:// listeners the TLS handshake follows.
+
+        Raises:
+            ValueError: not a well-formed header.
+            Timeout, Closed.
+        """
+        deadline = time.monotonic() + self.read_timeout
+        header = b""
+        while True:
+            total = proxy.header_length(header)
+            if total is not None and len(header) >= total:
+                return proxy.parse(header)
+            seen = self._receive(deadline, proxy.MAX_HEADER, socket.MSG_PEEK)
+            total = proxy.header_length(header + seen)
+            # Unknown length: every byte seen so far belongs to the header.
+            header += self._receive(deadline, len(seen) if total is None else total - len(header))
 
     def read_line(self) -> bytes:
         """The next command line without its line end.
@@ -222,13 +246,13 @@ class Wire:
         """Block until more command bytes arrive and add them to the buffer."""
         self._buf += self._receive(deadline, LINE_RECV_SIZE)
 
-    def _receive(self, deadline: float, size: int) -> bytes:
+    def _receive(self, deadline: float, size: int, flags: int = 0) -> bytes:
         """Send queued replies, then block until up to `size` bytes arrive."""
         self.flush()
         while True:
             self._wait_turn(deadline)
             try:
-                chunk = self.sock.recv(size)
+                chunk = self.sock.recv(size, flags)
             except (socket.timeout, BlockingIOError):  # BlockingIOError: SO_RCVTIMEO expired
                 continue
             except OSError as exc:
