@@ -14,9 +14,11 @@ class Talk:
     """One connection to the relay; `reply()` returns a whole reply as text."""
 
     def __init__(self, port: int, host: str = "127.0.0.1", tls: Optional[ssl.SSLContext] = None,
-                 timeout: float = 5.0, ehlo: Optional[str] = None):
-        """With `ehlo`, read the greeting and say EHLO before returning."""
-        self.sock = socket.create_connection((host, port), timeout)
+                 timeout: float = 5.0, ehlo: Optional[str] = None, source: Optional[str] = None):
+        """With `ehlo`, read the greeting and say EHLO before returning;
+        with `source`, connect from that local address (e.g. 127.0.0.2)."""
+        self.sock = socket.create_connection((host, port), timeout,
+                                             source_address=(source, 0) if source else None)
         self.buf = b""
         try:
             if tls is not None:
