@@ -23,6 +23,7 @@ PENALTY_FAILURES = 10  # bcrypt-run failures from one address ...
 PENALTY_WINDOW = 900.0  # ... within 15 minutes ...
 PENALTY_TIME = 900.0  # ... refuse its AUTH for 15 minutes
 PENALTY_ADDRESSES = 10000  # most addresses tracked (least recently failed out)
+STRIPES = 64  # locks that keep two sessions from checking the same password at once
 
 
 class _Lru:
@@ -111,6 +112,7 @@ class AuthGuard:
         self._key = secrets.token_bytes(32)
         self._cache = _Lru(CACHE_ENTRIES)  # (user, keyed hash, users-file hash) -> (expiry, ok)
         self._slots = threading.BoundedSemaphore(workers or os.cpu_count() or 1)
+        self._stripes = [threading.Lock() for _ in range(STRIPES)]
         self._count_lock = threading.Lock()
         self.penalties = Penalties(clock)
 
@@ -131,24 +133,43 @@ class AuthGuard:
         remembered = self._remembered(key)
         if remembered is not None:
             return None if remembered else replies.AUTH_FAILED
-        if not self._slots.acquire(timeout=self.wait):
+        # One bcrypt run per password at a time: sessions that bring the same
+        # one (20 clients connecting at once) wait for its outcome.
+        deadline = time.monotonic() + self.wait
+        same_key = self._stripes[hash(key) % len(self._stripes)]
+        if not same_key.acquire(timeout=self.wait):
             return replies.AUTH_BUSY
         try:
-            # Another session may have checked the same password while this one waited.
-            remembered = self._remembered(key)
-            if remembered is not None:
-                return None if remembered else replies.AUTH_FAILED
-            with self._count_lock:
-                self.bcrypt_runs += 1
-            ok = verify()
+            if not self._slots.acquire(timeout=max(0.0, deadline - time.monotonic())):
+                return replies.AUTH_BUSY
+            try:
+                ok = self._verify(address, key, verify)
+            finally:
+                self._slots.release()
         finally:
-            self._slots.release()
-        if self.ttl > 0:
-            self._cache.put(key, (self._clock() + (self.ttl if ok else FAILED_TTL), ok))
+            same_key.release()
+        if ok is None:
+            return replies.AUTH_PENALTY
         if ok:
             return None
-        self.penalties.failed(address)
         return replies.AUTH_FAILED
+
+    def _verify(self, address: str, key, verify: Callable[[], bool]) -> Optional[bool]:
+        """The outcome for key, with a bcrypt run unless another session just
+        made it; None when the address became penalised while it waited."""
+        remembered = self._remembered(key)
+        if remembered is not None:
+            return remembered
+        if self.penalties.refused(address):
+            return None
+        with self._count_lock:
+            self.bcrypt_runs += 1
+        ok = verify()
+        if self.ttl > 0:
+            self._cache.put(key, (self._clock() + (self.ttl if ok else FAILED_TTL), ok))
+        if not ok:
+            self.penalties.failed(address)
+        return ok
 
     def _remembered(self, key) -> Optional[bool]:
         entry = self._cache.get(key)

@@ -271,3 +271,24 @@ def test_2_4_bcrypt_queue_wait_is_bounded():
         release.set()
         busy.join(10)
     assert guard.check("192.0.2.2", "v", b"q", b"h", lambda: True) is None
+
+
+def test_2_4_sessions_bringing_the_same_password_share_one_bcrypt_run():
+    guard = authcache.AuthGuard(ttl=3600, wait=5, workers=2)
+    release = threading.Event()
+    outcomes = []
+
+    def check():
+        outcomes.append(guard.check("192.0.2.1", "u", b"right", b"h", lambda: release.wait(5)))
+
+    threads = [threading.Thread(target=check) for _ in range(6)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 5
+    while guard.bcrypt_runs == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    release.set()
+    for t in threads:
+        t.join(10)
+    assert outcomes == [None] * 6
+    assert guard.bcrypt_runs == 1
