@@ -224,7 +224,7 @@ def bench_auth(sink, start_relay: Callable[[Dict[str, str]], object], workdir: s
         print("  guessing: %d legitimate clients alone %.0f msgs/s" % (LEGIT_CLIENTS, quiet), flush=True)
         attacks = []
         for name, sources in (("one address", ["127.0.0.2"]),
-                              ("%d addresses" % GUESSERS, ["127.0.0.%d" % (n + 2) for n in range(GUESSERS)])):
+                              ("%d addresses" % GUESSERS, ["127.0.0.%d" % (n + 10) for n in range(GUESSERS)])):
             attacks.append(attack(sink, auth_relay, legit, sources, quiet, name))
             print("  guessing from %s: legitimate %.0f msgs/s (%.2f of alone); guessers' replies %s" % (
                 name, attacks[-1].attacked, attacks[-1].ratio, attacks[-1].replies), flush=True)
