@@ -34,10 +34,11 @@ class _Lru:
         self._items: "OrderedDict[Hashable, object]" = OrderedDict()
         self._lock = threading.Lock()
 
-    def get(self, key: Hashable, default=None):
+    def get(self, key: Hashable):
+        """The value, or None; a hit becomes the most recently used."""
         with self._lock:
-            value = self._items.get(key, default)
-            if key in self._items:
+            value = self._items.get(key)
+            if value is not None:
                 self._items.move_to_end(key)
             return value
 
