@@ -7,7 +7,7 @@ and their ratio (median of the rounds), the relay's peak RSS, and then checks
 that the relay holds 1,000 idle sessions. Exits 1 when the sink did not receive
 exactly the messages that were sent, or when a load run or the idle check fails.
 
-Standard library only; run it with the project's virtualenv python
+Standard library and bcrypt (for the AUTH rows); run it with the project's virtualenv python
 (`make bench`). Linux only: it reads /proc for memory figures.
 """
 
@@ -26,6 +26,8 @@ import sys
 import tempfile
 import time
 from typing import Dict, List, NamedTuple, Optional
+
+import auth_bench
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HOST = "127.0.0.1"
@@ -53,6 +55,9 @@ CONFIGS = [
     Config("1 KB, 50 msgs/conn, 20 clients", 1024, 50, 20, 30000, 0.12, 0.20),
     Config("100 KB, 10 msgs/conn, 5 clients", 100 * 1024, 10, 5, 3000, 0.35, 0.60),
 ]
+
+
+AUTH_ROWS = len(CONFIGS) + 1  # --only number of the AUTH rows (bench/auth_bench.py)
 
 
 class BenchError(Exception):
@@ -152,12 +157,12 @@ class Relay:
     """`python relay.py bench.ini` forwarding to the sink, as a child process."""
 
     def __init__(self, workdir: str, sink_port: int, max_connections: int, extra: Dict[str, str],
-                 profile: Optional[str] = None, cprofile: Optional[str] = None):
+                 profile: Optional[str] = None, cprofile: Optional[str] = None, scheme: str = ""):
         self.port = free_port()
         self.ini = os.path.join(workdir, "bench.ini")
         self.log_path = os.path.join(workdir, "relay.log")
         options = {
-            "listen": "%s:%d" % (HOST, self.port),
+            "listen": "%s%s:%d" % (scheme, HOST, self.port),
             "remotes": "smtp://%s:%d" % (HOST, sink_port),
             "hostname": "relay.bench",
             "max_connections": str(max_connections),
@@ -421,8 +426,9 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=3, help="rounds per configuration (median is reported)")
     parser.add_argument("--scale", type=float, default=1.0, help="multiply the message counts (0.1 = quick try)")
-    parser.add_argument("--only", type=int, action="append", choices=range(1, len(CONFIGS) + 1),
-                        help="run only this configuration (1-%d); repeatable" % len(CONFIGS))
+    parser.add_argument("--only", type=int, action="append", choices=range(1, AUTH_ROWS + 1),
+                        help="run only this configuration (1-%d; %d = the AUTH rows); repeatable"
+                        % (len(CONFIGS), AUTH_ROWS))
     parser.add_argument("--no-idle", action="store_true", help="skip the idle sessions check")
     parser.add_argument("--set", action="append", default=[], metavar="OPTION=VALUE",
                         help="extra relay option for bench.ini, e.g. --set remote_pool_size=20")
@@ -445,6 +451,7 @@ def main(argv: List[str]) -> int:
     sink = None
     results: List[Result] = []
     idle = None
+    auth = None
     try:
         sink = Sink(workdir)
         for folder in (args.profile, args.cprofile):
@@ -456,10 +463,15 @@ def main(argv: List[str]) -> int:
             cprofile = os.path.join(args.cprofile, "relay-%d.pstats" % n) if args.cprofile else None
             results.append(bench_config(cfg, sink, workdir, args.runs, extra, args.direct_only,
                                         profile, cprofile))
+        if (not args.only or AUTH_ROWS in args.only) and not args.direct_only:
+            print("AUTH at line rate: STARTTLS, 1 KB, 1 msg/conn", flush=True)
+            auth = auth_bench.bench_auth(
+                sink, lambda options: Relay(workdir, sink.port, 200, dict(extra, **options), scheme="starttls://"),
+                workdir, args.scale, args.runs)
         if not args.no_idle and not args.direct_only:
             print("Idle sessions: opening %d" % IDLE_SESSIONS, flush=True)
             idle = bench_idle(sink, workdir, extra)
-    except BenchError as exc:
+    except (BenchError, auth_bench.LoadError) as exc:
         print_table(results, idle, args.runs)
         print("\nFAILED: %s" % exc, file=sys.stderr)
         return 1
@@ -471,6 +483,8 @@ def main(argv: List[str]) -> int:
         else:
             shutil.rmtree(workdir, ignore_errors=True)
     print_table(results, idle, args.runs)
+    if auth:
+        auth_bench.print_auth(auth, args.runs)
     if idle and (idle.refused or idle.held != IDLE_SESSIONS or not idle.delivered):
         print("\nFAILED: the relay did not hold %d idle sessions" % IDLE_SESSIONS, file=sys.stderr)
         return 1

@@ -235,6 +235,7 @@ OPTIONS: Tuple[Option, ...] = (
     Option("allowed_sender", "", parse_regex, "regex a MAIL FROM address must match"),
     Option("allowed_recipients", "", parse_regex, "regex each RCPT TO address must match"),
     Option("allowed_users", "", _optional, "users file; when set, AUTH is required", path=True),
+    Option("auth_cache_ttl", "1h", parse_duration, "how long a checked AUTH password is remembered; 0 is off"),
     Option("aliases_file", "", _optional, "aliases file: 'alias target' per line", path=True),
     Option("remotes", "", _text, "space-separated remote URLs"),
     Option("strict_sender", "false", parse_bool, "use only remotes whose /sender is the envelope sender"),
@@ -278,6 +279,7 @@ class Settings:
     allowed_sender: Optional[Pattern]
     allowed_recipients: Optional[Pattern]
     allowed_users: Optional[str]
+    auth_cache_ttl: float
     aliases_file: Optional[str]
     remotes: Tuple[Remote, ...]
     strict_sender: bool

@@ -8,11 +8,12 @@ sockets or log: callers log one warning with the reason.
 import ipaddress
 import os
 import threading
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple, Union
 
 import bcrypt
 
 from . import replies
+from .authcache import AuthGuard
 from .config import Settings
 from .logs import fields, log
 from .remotes import route
@@ -119,6 +120,7 @@ class _WatchedFile:
                         with open(self.path, "r", encoding="utf-8-sig") as f:
                             self.table = self._parse(f.read().splitlines())
                         self._stamp = stamp
+                        self._swapped()
                     except (OSError, UnicodeDecodeError) as exc:
                         log.warning("cannot read file, keeping the last good copy",
                                     extra=fields(file=self.path, error=str(exc)))
@@ -127,12 +129,23 @@ class _WatchedFile:
     def _parse(self, lines: List[str]) -> Dict:
         raise NotImplementedError
 
+    def _swapped(self) -> None:
+        """Called once a new table has replaced the old one."""
+
     def _skip(self, number: int, why: str) -> None:
         log.warning("skipping malformed line", extra=fields(file=self.path, line=number, reason=why))
 
 
 class Users(_WatchedFile):
-    """The allowed_users file (SPEC 2.4): `user bcrypt-hash [from,...]`."""
+    """The allowed_users file (SPEC 2.4): `user bcrypt-hash [from,...]`, and
+    the AuthGuard that keeps checking it cheap for clients and dear for guessers."""
+
+    def __init__(self, path: Optional[str], cache_ttl: float, wait: float):
+        self.guard = AuthGuard(cache_ttl, wait)
+        super().__init__(path)
+
+    def _swapped(self) -> None:
+        self.guard.forget()
 
     def _parse(self, lines: List[str]) -> Dict[str, Tuple[str, bytes, Optional[List[str]]]]:
         table = {}
@@ -152,15 +165,22 @@ class Users(_WatchedFile):
             table[name.lower()] = (name, ("$2b$" + hashed[4:]).encode("ascii", "replace"), allowed)
         return table
 
-    def authenticate(self, username: str, password: str) -> Optional[str]:
-        """The user's name when the password matches, else None. Slow on purpose."""
+    def authenticate(self, username: str, password: str, client: str) -> Union[str, Reply]:
+        """The user's name when the password matches, else the Reply to refuse
+        with (535, or 454 for a guessing `client` address or a bcrypt queue
+        that did not move within read_timeout). Slow on purpose, unless remembered."""
         entry = self._refresh().get(username.lower())
         hashed = entry[1] if entry else _DUMMY_HASH
-        try:
-            ok = bcrypt.checkpw(password.encode("utf-8", "surrogateescape"), hashed)
-        except ValueError:
-            ok = False
-        return entry[0] if entry and ok else None
+        secret = password.encode("utf-8", "surrogateescape")
+
+        def verify() -> bool:
+            try:
+                return bcrypt.checkpw(secret, hashed) and entry is not None
+            except ValueError:
+                return False
+
+        refusal = self.guard.check(str(peer_address(client)), username, secret, hashed, verify)
+        return refusal if refusal is not None else entry[0]
 
     def allowed_from(self, username: str) -> Optional[List[str]]:
         entry = self._refresh().get(username.lower())

@@ -104,6 +104,8 @@ AUTH_CANCELLED = Reply(501, "5.5.2", "Authentication cancelled")
 AUTH_FAILED = Reply(535, "5.7.8", "Authentication credentials invalid")
 AUTH_NEEDS_TLS = Reply(538, "5.7.11", "Encryption required for requested authentication mechanism")
 AUTH_REQUIRED = Reply(530, "5.7.0", "Authentication required")
+AUTH_PENALTY = Reply(454, "4.7.0", "Too many authentication failures, try again later")
+AUTH_BUSY = Reply(454, "4.7.0", "Temporary authentication failure")  # [R4954 6]
 
 NESTED_MAIL = Reply(503, "5.5.1", "Sender already specified")
 MAIL_SYNTAX = Reply(501, "5.5.4", "Syntax: MAIL FROM:<address>")

@@ -285,7 +285,8 @@ class Relay:
     def __init__(self, settings, delivery: Optional[Delivery] = None):
         self.settings = settings
         self.delivery = delivery if delivery is not None else Delivery(settings)
-        self.users = policy.Users(settings.allowed_users) if settings.allowed_users else None
+        self.users = (policy.Users(settings.allowed_users, settings.auth_cache_ttl, settings.read_timeout)
+                      if settings.allowed_users else None)
         self.aliases = self.delivery.aliases  # one table: RCPT routing and delivery agree
         self.tls_context: Optional[ssl.SSLContext] = None
         self.addresses: List[Tuple[str, str, int]] = []

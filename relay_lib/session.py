@@ -362,17 +362,17 @@ class Session:
             self._fail(credentials)
             return
         username, password = credentials
-        # bcrypt is slow on purpose; it runs here, in this session's thread,
-        # and Users holds no lock while it hashes, so other sessions go on.
-        user = self.users.authenticate(username, password)
-        if user is None:
+        # bcrypt is slow on purpose; when it runs, it runs here, in this
+        # session's thread, and Users holds no lock while it hashes.
+        user = self.users.authenticate(username, password, self.peer)
+        if isinstance(user, Reply):
             self.auth_failures += 1
             self.log.warning("authentication failed", extra=fields(
-                user=clean_echo(username), failures=self.auth_failures))
+                user=clean_echo(username), failures=self.auth_failures, reply=user.code))
             if self.auth_failures >= MAX_AUTH_FAILURES:
                 self._last_words(replies.TOO_MANY_AUTH_FAILURES)
                 return
-            self._fail(replies.AUTH_FAILED)
+            self._fail(user)
             return
         self.user = user
         self.log.bind(user=user)

@@ -90,7 +90,7 @@ def auth_settings(tmp_path_factory, certs):
                    "local_cert = %s\nlocal_key = %s\nallowed_users = %s\n"
                    % (certs.cert_path, certs.key_path, users))
     settings = config.from_file(str(ini))
-    return settings, Users(users), make_server_context(settings)
+    return settings, Users(users, settings.auth_cache_ttl, settings.read_timeout), make_server_context(settings)
 
 
 @pytest.fixture(scope="module")
