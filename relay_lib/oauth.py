@@ -8,6 +8,7 @@ SMTP, and must never put a secret or a token into an error or a log line.
 
 import base64
 import json
+import socket
 import threading
 import time
 import urllib.error
@@ -155,7 +156,7 @@ class TokenSource:
             token = self._request()
         except TokenError as exc:
             error = exc
-            if current is not None and time.monotonic() < current.expires_at - RENEW_BEFORE / 10:
+            if current is not None and time.monotonic() < current.expires_at:
                 # Renewal is early on purpose: a token with life left still serves.
                 log.warning("oauth renewal failed, current token kept", extra=fields(error=str(exc)))
                 token = current
@@ -204,7 +205,7 @@ class TokenSource:
                 exc.close()
         except OSError as exc:  # URLError, socket.timeout, ssl errors, a reset connection
             reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
-            if time.monotonic() - started >= self.timeout or "timed out" in str(reason):
+            if isinstance(reason, socket.timeout) or time.monotonic() - started >= self.timeout:
                 raise self._failed("token endpoint timed out after %gs" % self.timeout) from None
             raise self._failed("token endpoint unreachable: %s" % (reason,)) from None
         token = self._parse(status, data)

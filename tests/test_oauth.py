@@ -151,6 +151,23 @@ def test_10_token_endpoint_failure_is_451_with_a_warning_naming_the_error(
     assert CLIENT_SECRET not in warning.fields["error"]
 
 
+def test_10_failed_early_renewal_keeps_a_token_that_is_still_valid(relay_factory, endpoint,
+                                                                  upstream_factory, relay_log):
+    endpoint.lifetime = 3  # renewed after 1.5 s, valid for 3 s
+    up = upstream_factory()
+    relay = relay_factory(remotes=up.url(), remote_pool_size=0, **oauth_options(endpoint))
+    send(relay)
+    first = relay.delivery.dispatcher.tokens.current
+    assert wait_until(lambda: time.monotonic() >= first.renew_at, timeout=3)
+    endpoint.mode = "aadsts"
+    send(relay)
+    assert len(up.box) == 2 and endpoint.requests == 2
+    assert [ok for _, ok in up.handler.xoauth2] == [True, True]
+    (warning,) = warnings_of(relay_log)
+    assert warning.getMessage() == "oauth renewal failed, current token kept"
+    assert "AADSTS7000215" in warning.fields["error"]
+
+
 def test_10_waiting_clients_share_a_failure_instead_of_queueing_requests(tmp_path, endpoint):
     from relay_lib.oauth import TokenError, TokenSource
 
