@@ -493,11 +493,11 @@ class Dispatcher:
         try:
             conn = self._open(remote, steps)
         except OSError as exc:  # SetupFailed and every smtplib error are OSErrors
-            return False, "%s: %s" % (steps[-1], getattr(exc, "strerror", None) or str(exc) or type(exc).__name__)
+            return False, "%s: %s" % (steps[-1], _why(exc))
         try:
             code, text = conn.smtp.docmd("QUIT")
         except OSError as exc:
-            return False, "QUIT: %s" % (str(exc) or type(exc).__name__)
+            return False, "QUIT: %s" % _why(exc)
         finally:
             conn.smtp.close()
         if code != 221:
@@ -505,13 +505,14 @@ class Dispatcher:
         return True, "ok"
 
     def _open(self, remote: Remote, steps: Optional[List[str]] = None) -> _Conn:
+        steps = [] if steps is None else steps
         try:
-            return self._connect(remote, [] if steps is None else steps, retry=True)
+            return self._connect(remote, steps, retry=True)
         except _TokenRefused as exc:
             # SPEC 10: a cached token refused with 535 may have been revoked:
             # forget it, then once more with a new token on a new connection.
             self.tokens.drop(exc.token)
-            return self._connect(remote, [] if steps is None else steps, retry=False)
+            return self._connect(remote, steps, retry=False)
 
     def _token(self):
         if self.tokens is None:
@@ -632,6 +633,11 @@ def _count(remote: Remote, outcome: str, started: float) -> None:
     endpoint = remote.endpoint
     metrics.REMOTE_DELIVERIES.labels(endpoint, outcome).inc()
     metrics.REMOTE_SECONDS.labels(endpoint).observe(seconds)
+
+
+def _why(exc: OSError) -> str:
+    """What went wrong, for one -test-remotes line: the OS error text or the reply."""
+    return getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
 
 
 def _auth_xoauth2(smtp: smtplib.SMTP, user: str, token) -> None:
