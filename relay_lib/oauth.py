@@ -140,15 +140,20 @@ class TokenSource:
             TokenError: no token could be had (temporary, SPEC 10).
         """
         with self._cond:
-            if self._usable():
-                return self._token, False
-            if self._busy:
-                # Someone else is asking: share the outcome of that request.
-                # The request is bounded by the timeout; the wait is bounded too.
-                self._cond.wait_for(lambda: not self._busy, timeout=2 * self.timeout + 1)
-                if self._token is not None and not self._busy:  # renewed, or kept while still valid
+            waited = False
+            while True:
+                # After waiting for someone else's request, share its outcome:
+                # a new token, a current one kept, or the error.
+                if self._usable() or (waited and self._token is not None):
                     return self._token, False
-                raise self._error or TokenError("token request still in flight after %gs" % self.timeout)
+                if waited and self._error is not None:
+                    raise self._error
+                if not self._busy:
+                    break
+                # The request is bounded by the timeout, and so is this wait.
+                if not self._cond.wait_for(lambda: not self._busy, timeout=2 * self.timeout + 1):
+                    raise TokenError("token endpoint timed out after %gs" % self.timeout)
+                waited = True
             self._busy = True
             current = self._token
         token, error = None, None

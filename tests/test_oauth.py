@@ -168,16 +168,22 @@ def test_10_failed_early_renewal_keeps_a_token_that_is_still_valid(relay_factory
     assert "AADSTS7000215" in warning.fields["error"]
 
 
-def test_10_waiting_clients_share_a_failure_instead_of_queueing_requests(tmp_path, endpoint):
+@pytest.mark.parametrize("delay, timeout, expected", [
+    (0.3, 2.0, "the token"),
+    (5.0, 0.5, "token endpoint timed out after 0.5s"),
+], ids=["answer", "timeout"])
+def test_10_one_request_in_flight_the_waiting_threads_share_its_outcome(endpoint, delay, timeout,
+                                                                         expected):
     from relay_lib.oauth import TokenError, TokenSource
 
-    endpoint.mode = "slow"
-    source = TokenSource(endpoint.url, CLIENT_ID, CLIENT_SECRET, "s", None, timeout=0.5)
+    endpoint.mode, endpoint.delay = "slow", delay
+    source = TokenSource(endpoint.url, CLIENT_ID, CLIENT_SECRET, "s", None, timeout=timeout)
     outcomes = []
 
     def get():
         try:
-            source.get()
+            token, _ = source.get()
+            outcomes.append("the token" if token.access_token == endpoint.issued[0] else "another")
         except TokenError as exc:
             outcomes.append(str(exc))
 
@@ -187,7 +193,7 @@ def test_10_waiting_clients_share_a_failure_instead_of_queueing_requests(tmp_pat
         t.start()
     for t in threads:
         t.join(10)
-    assert outcomes == ["token endpoint timed out after 0.5s"] * 5
+    assert outcomes == [expected] * 5
     assert endpoint.requests == 1
     assert time.monotonic() - started < 2.0
 
