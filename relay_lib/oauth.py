@@ -7,6 +7,7 @@ SMTP, and must never put a secret or a token into an error or a log line.
 """
 
 import base64
+import http.client
 import json
 import socket
 import threading
@@ -204,10 +205,13 @@ class TokenSource:
         except urllib.error.HTTPError as exc:
             try:
                 status, data = exc.code, exc.read(MAX_ANSWER + 1)
-            except OSError:
+            except (OSError, http.client.HTTPException):
                 status, data = exc.code, b""
             finally:
                 exc.close()
+        except http.client.HTTPException as exc:  # not an OSError: an answer that is not HTTP
+            raise self._failed("token endpoint answered no HTTP: %s: %s" % (
+                type(exc).__name__, exc)) from None
         except OSError as exc:  # URLError, socket.timeout, ssl errors, a reset connection
             reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
             if isinstance(reason, socket.timeout) or time.monotonic() - started >= self.timeout:

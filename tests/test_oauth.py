@@ -134,13 +134,16 @@ def test_10_fresh_token_refused_is_not_retried(tmp_path, endpoint, upstream_fact
     ("slow", "token endpoint timed out after 0.5s"),
     ("aadsts", "token endpoint answered HTTP 400: invalid_client: AADSTS7000215: Invalid client secret"),
     ("not_json", "token endpoint answered HTTP 200, not JSON"),
-], ids=["down", "slow", "400-aadsts", "not-json"])
+    ("not_http", "token endpoint answered no HTTP: BadStatusLine: 220 sink.test"),
+], ids=["down", "slow", "400-aadsts", "not-json", "not-http"])
 def test_10_token_endpoint_failure_is_451_with_a_warning_naming_the_error(
-        relay_factory, endpoint, upstream_factory, relay_log, mode, expected):
+        relay_factory, endpoint, upstream_factory, sink, relay_log, mode, expected):
     up = upstream_factory()
     options = oauth_options(endpoint, remote_timeout="500ms")
     if mode == "down":
         options["oauth_token_url"] = "http://127.0.0.1:%d/token" % free_port()
+    elif mode == "not_http":
+        options["oauth_token_url"] = "http://127.0.0.1:%d/token" % sink.port  # an SMTP server
     else:
         endpoint.mode = mode
     relay = relay_factory(remotes=up.url(), **options)
