@@ -18,7 +18,7 @@ from .logs import fields, log, setup_logging
 BCRYPT_MAX_BYTES = 72  # bcrypt reads no further; bcrypt 5 refuses longer passwords
 ACTIONS = ("check", "version", "hash_password", "help", "h")
 USAGE = """usage: smtprelay [-config FILE | FILE] [-check] [-version] [-hash-password]
-                 [-option value | --option=value ...]
+                 [-test-remotes FILE] [-option value | --option=value ...]
 Options are those of the config file (see smtprelay.ini); flags override the
 environment (SMTPRELAY_<OPTION>), which overrides the file."""
 
@@ -44,12 +44,14 @@ def parse_args(argv: List[str]) -> Tuple[Optional[str], Dict[str, str], List[str
         key = name.replace("-", "_")
         if key in ACTIONS:
             actions.append(key)
-        elif key == "config":
+        elif key in ("config", "test_remotes"):
             if not has_value:
                 if not args:
-                    raise ConfigError("config", "flag needs a file name")
+                    raise ConfigError(name, "flag needs a file name")
                 value = args.pop(0)
             config_path = value
+            if key == "test_remotes":
+                actions.append(key)
         elif key in OPTION_NAMES:
             if not has_value:
                 if OPTION_NAMES[key].parse is parse_bool:
@@ -83,6 +85,31 @@ def hash_password() -> int:
         return 1
     print(bcrypt.hashpw(password.encode("utf-8"), bcrypt.gensalt()).decode("ascii"))
     return 0
+
+
+def test_remotes(settings) -> int:
+    """-test-remotes: check every remote without sending mail, one line each (SPEC 10)."""
+    from .delivery import make_dispatcher
+
+    if not settings.remotes:
+        print("no remotes configured")
+        return 1
+    dispatcher = make_dispatcher(settings)
+    failed = 0
+    try:
+        for remote in settings.remotes:
+            ok, detail = dispatcher.probe(remote)
+            token = dispatcher.tokens.current if remote.auth == "xoauth2" else None
+            if token is not None:
+                detail += " (%s)" % token.describe()
+            if ok:
+                print("ok   %s: %s" % (remote.masked(), detail))
+            else:
+                failed += 1
+                print("FAIL %s: %s" % (remote.masked(), detail))
+    finally:
+        dispatcher.close()
+    return 1 if failed else 0
 
 
 def _install_signal_handlers(stop: threading.Event) -> None:
@@ -140,6 +167,8 @@ def main(argv: List[str]) -> int:
         if "hash_password" in actions:
             return hash_password()
         settings = load(config_path, flags)
+        if "test_remotes" in actions:
+            return test_remotes(settings)
         if "check" in actions:
             from .server import make_server_context
 

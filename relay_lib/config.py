@@ -16,6 +16,7 @@ from types import MappingProxyType
 from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Pattern, Tuple
 
 from .logs import FORMATS, LEVELS, mask_url
+from .oauth import DEFAULT_SCOPE, check_token_url
 from .remotes import Remote, parse_remote
 
 ENV_PREFIX = "SMTPRELAY_"
@@ -178,6 +179,10 @@ def _text(text: str) -> str:
     return text
 
 
+def parse_token_url(text: str) -> Optional[str]:
+    return check_token_url(text) if text else None
+
+
 def _optional(text: str) -> Optional[str]:
     return text or None
 
@@ -250,6 +255,12 @@ OPTIONS: Tuple[Option, ...] = (
     Option("webhook_timeout", "30s", _timeout(0.001), "total time for one webhook call"),
     Option("webhook_secret", "", _optional, "HMAC-SHA256 key for the webhook signature header", secret=True),
     Option("metrics_listen", "", parse_metrics_listen, "host:port serving GET /metrics and /healthz; empty is off"),
+    Option("oauth_token_url", "", parse_token_url, "OAuth 2.0 token endpoint for auth=xoauth2 remotes"),
+    Option("oauth_client_id", "", _optional, "OAuth application (client) id"),
+    Option("oauth_client_secret", "", _optional, "OAuth client secret", secret=True),
+    Option("oauth_scope", DEFAULT_SCOPE, _text, "scope of the client credentials grant"),
+    Option("oauth_refresh_token", "", _optional, "refresh token; when set, the refresh_token grant is used",
+           secret=True),
 )
 OPTION_NAMES = {o.name: o for o in OPTIONS}
 
@@ -294,6 +305,11 @@ class Settings:
     webhook_timeout: float
     webhook_secret: Optional[str] = field(repr=False)
     metrics_listen: Optional[Listener]
+    oauth_token_url: Optional[str]
+    oauth_client_id: Optional[str]
+    oauth_client_secret: Optional[str] = field(repr=False)
+    oauth_scope: str
+    oauth_refresh_token: Optional[str] = field(repr=False)
     config_path: Optional[str] = None
     base_dir: str = "."
     raw: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
@@ -450,6 +466,13 @@ def _validate(s: Settings) -> None:
             raise ConfigError(name, "cannot read %s: no such file" % path)
     if s.strict_sender and not any(r.sender for r in s.remotes):
         raise ConfigError("strict_sender", "no remote has a /sender, so no message could be sent")
+    if any(r.auth == "xoauth2" for r in s.remotes):
+        for name in ("oauth_token_url", "oauth_client_id"):
+            if not getattr(s, name):
+                raise ConfigError(name, "a remote uses auth=xoauth2, which needs this option")
+        if not s.oauth_refresh_token and not s.oauth_client_secret:
+            raise ConfigError("oauth_client_secret", "the client credentials grant needs it "
+                              "(or set oauth_refresh_token for the refresh token grant)")
 
 
 def _check_cert_pair(option: str, cert: str, key: Optional[str]) -> None:

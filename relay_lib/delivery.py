@@ -19,7 +19,7 @@ from datetime import datetime, timezone
 from email.utils import format_datetime
 from typing import List, Optional, Tuple
 
-from . import metrics, remotes, replies, webhook
+from . import metrics, oauth, remotes, replies, webhook
 from .config import Settings
 from .logs import fields, log
 from .policy import Aliases
@@ -98,11 +98,7 @@ class Delivery:
     def __init__(self, settings: Settings):
         self.settings = settings
         self.aliases = Aliases(settings.aliases_file)
-        self.dispatcher = remotes.Dispatcher(
-            settings.hostname, settings.remote_timeout,
-            client_cert=settings.remote_certificate, client_key=settings.remote_key,
-            pool_size=settings.remote_pool_size, pool_idle=settings.remote_pool_idle,
-            failover_skip=settings.failover_skip)
+        self.dispatcher = make_dispatcher(settings)
         # Built once: loading the system trust store per webhook call is slow.
         self.webhook_context = ssl.create_default_context() if settings.webhook_url else None
 
@@ -235,6 +231,20 @@ class Delivery:
         return {"id": env.id, "peer": env.peer, "helo": env.helo, "username": env.user,
                 "tls": bool(env.tls), "from": env.mail_from, "to": rcpts, "size": len(message),
                 "received_at": _utc(env.received_at)}
+
+
+def make_dispatcher(settings: Settings) -> remotes.Dispatcher:
+    """The remote connection pool, with the OAuth token source when a remote needs one."""
+    tokens = None
+    if any(r.auth == "xoauth2" for r in settings.remotes):
+        tokens = oauth.TokenSource(settings.oauth_token_url, settings.oauth_client_id,
+                                   settings.oauth_client_secret, settings.oauth_scope,
+                                   settings.oauth_refresh_token, settings.remote_timeout)
+    return remotes.Dispatcher(
+        settings.hostname, settings.remote_timeout,
+        client_cert=settings.remote_certificate, client_key=settings.remote_key,
+        pool_size=settings.remote_pool_size, pool_idle=settings.remote_pool_idle,
+        failover_skip=settings.failover_skip, tokens=tokens)
 
 
 def remote_reply(remote: remotes.Remote, exc: BaseException) -> Reply:

@@ -28,7 +28,7 @@ from urllib.parse import unquote, urlsplit
 from . import metrics
 
 DEFAULT_PORTS = {"smtp": 25, "starttls": 587, "tls": 465, "smtps": 465}
-AUTH_METHODS = ("plain", "login")
+AUTH_METHODS = ("plain", "login", "xoauth2")
 
 
 @dataclass(frozen=True)
@@ -108,7 +108,11 @@ def parse_remote(url: str) -> Remote:
     params = _parse_params(parts.query)
     auth = params.pop("auth", "plain").lower()
     if auth not in AUTH_METHODS:
-        raise ValueError("%s: unknown auth=%s (use plain or login)" % (_mask_raw(url), auth))
+        raise ValueError("%s: unknown auth=%s (use plain, login or xoauth2)" % (_mask_raw(url), auth))
+    if auth == "xoauth2" and (parts.username is None or parts.password is not None):
+        # SPEC 10: the user names the mailbox; the token replaces any password.
+        raise ValueError("%s: auth=xoauth2 takes the mailbox as user and no password"
+                         % _mask_raw(url))
     skip = params.pop("skipverify", "false").lower()
     if skip not in ("", "true", "1", "false", "0"):
         raise ValueError("%s: skipVerify takes true or false" % _mask_raw(url))
@@ -314,6 +318,14 @@ class SetupFailed(smtplib.SMTPException):
     """
 
 
+class _TokenRefused(SetupFailed):
+    """AUTH XOAUTH2 got 535 with a cached token: it may have been revoked (SPEC 10)."""
+
+    def __init__(self, token, text: str):
+        super().__init__(text)
+        self.token = token
+
+
 class _Stale(Exception):
     """A pooled connection turned out dead before the remote saw the message."""
 
@@ -367,8 +379,11 @@ class Dispatcher:
 
     def __init__(self, hostname: str, timeout: float, client_cert: Optional[str] = None,
                  client_key: Optional[str] = None, pool_size: int = 20, pool_idle: float = 30.0,
-                 failover_skip: float = 30.0):
+                 failover_skip: float = 30.0, tokens=None):
         self.hostname = hostname
+        # The OAuth token source of auth=xoauth2 remotes (oauth.TokenSource):
+        # get() returns (token, fetched by this call) or raises OSError; drop(token).
+        self.tokens = tokens
         self.timeout = timeout
         self.pool_size = pool_size
         self.pool_idle = pool_idle
@@ -462,8 +477,59 @@ class Dispatcher:
         with self._lock:
             return len(self._idle.get(remote, ()))
 
-    def _open(self, remote: Remote) -> _Conn:
+    def probe(self, remote: Remote) -> Tuple[bool, str]:
+        """Check a remote as -test-remotes does (SPEC 10): connect, EHLO, TLS,
+        AUTH and QUIT, sending no mail; a file: remote must be a writable folder.
+
+        Returns (ok, detail): on failure, the step and what the server answered.
+        """
+        if remote.scheme == "file":
+            try:
+                check_folder(remote.path)
+            except OSError as exc:
+                return False, "folder: %s" % (exc.strerror or exc)
+            return True, "writable folder"
+        steps: List[str] = []
+        try:
+            conn = self._open(remote, steps)
+        except OSError as exc:  # SetupFailed and every smtplib error are OSErrors
+            return False, "%s: %s" % (steps[-1], _why(exc))
+        try:
+            code, text = conn.smtp.docmd("QUIT")
+        except OSError as exc:
+            return False, "QUIT: %s" % _why(exc)
+        finally:
+            conn.smtp.close()
+        if code != 221:
+            return False, "QUIT: %d %s" % (code, reply_text(text))
+        return True, "ok"
+
+    def _open(self, remote: Remote, steps: Optional[List[str]] = None) -> _Conn:
+        steps = [] if steps is None else steps
+        try:
+            return self._connect(remote, steps, retry=True)
+        except _TokenRefused as exc:
+            # SPEC 10: a cached token refused with 535 may have been revoked:
+            # forget it, then once more with a new token on a new connection.
+            self.tokens.drop(exc.token)
+            return self._connect(remote, steps, retry=False)
+
+    def _token(self):
+        if self.tokens is None:
+            raise SetupFailed("auth=xoauth2 needs oauth_token_url and oauth_client_id")
+        try:
+            return self.tokens.get()
+        except OSError as exc:
+            raise SetupFailed(str(exc)) from None  # temporary, like any setup failure (SPEC 10)
+
+    def _connect(self, remote: Remote, steps: List[str], retry: bool) -> _Conn:
+        """Connect, greet, secure and authenticate; `steps` records how far it got."""
+        token, fetched = None, False
+        if remote.auth == "xoauth2":
+            steps.append("token")
+            token, fetched = self._token()
         context = self._contexts[remote.skip_verify]
+        steps.append("TLS connect" if remote.implicit_tls else "connect")
         try:
             if remote.implicit_tls:
                 smtp = smtplib.SMTP_SSL(remote.host, remote.port, local_hostname=self.hostname,
@@ -476,9 +542,11 @@ class Dispatcher:
             # refused connection: 451, never a bounce of every message (SPEC 4.1).
             raise SetupFailed("greeting refused: %d %s" % (exc.smtp_code, reply_text(exc.smtp_error))) from None
         try:
+            steps.append("EHLO")
             _hello(smtp)
             if not remote.implicit_tls:
                 if smtp.has_extn("starttls"):
+                    steps.append("STARTTLS")
                     try:
                         smtp.starttls(context=context)
                     except smtplib.SMTPResponseException as exc:
@@ -487,18 +555,24 @@ class Dispatcher:
                 elif remote.scheme == "starttls":
                     raise SetupFailed("STARTTLS required but not offered")
             if remote.username is not None:
+                steps.append("AUTH")
                 if not isinstance(smtp.sock, ssl.SSLSocket) and not is_loopback(remote.host):
                     # As Go's net/smtp: never send a password in the clear over a network.
                     raise SetupFailed("refusing to AUTH without TLS (remote offered no STARTTLS)")
                 smtp.user, smtp.password = remote.username, remote.password or ""
                 try:
-                    if remote.auth == "login":
+                    if token is not None:
+                        _auth_xoauth2(smtp, remote.username, token)
+                    elif remote.auth == "login":
                         smtp.auth("LOGIN", smtp.auth_login, initial_response_ok=False)
                     else:
                         smtp.auth("PLAIN", smtp.auth_plain)
                 except smtplib.SMTPResponseException as exc:
-                    raise SetupFailed("AUTH %s refused: %d %s" % (
-                        remote.auth.upper(), exc.smtp_code, reply_text(exc.smtp_error)))
+                    text = "AUTH %s refused: %d %s" % (remote.auth.upper(), exc.smtp_code,
+                                                       reply_text(exc.smtp_error))
+                    if exc.smtp_code == 535 and token is not None and retry and not fetched:
+                        raise _TokenRefused(token, text)
+                    raise SetupFailed(text)
                 finally:
                     smtp.password = ""  # not needed again on this connection
         except BaseException:
@@ -559,6 +633,27 @@ def _count(remote: Remote, outcome: str, started: float) -> None:
     endpoint = remote.endpoint
     metrics.REMOTE_DELIVERIES.labels(endpoint, outcome).inc()
     metrics.REMOTE_SECONDS.labels(endpoint).observe(seconds)
+
+
+def _why(exc: OSError) -> str:
+    """What went wrong, for one -test-remotes line: the OS error text or the reply."""
+    return getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+
+
+def _auth_xoauth2(smtp: smtplib.SMTP, user: str, token) -> None:
+    """AUTH XOAUTH2 with the initial response (SPEC 10).
+
+    A refusing server first answers 334 with its error (base64 JSON); an
+    empty line then asks for the final reply.
+
+    Raises:
+        smtplib.SMTPAuthenticationError: the final reply, when not 235.
+    """
+    code, text = smtp.docmd("AUTH", "XOAUTH2 " + token.xoauth2(user))
+    if code == 334:
+        code, text = smtp.docmd("")
+    if code != 235:
+        raise smtplib.SMTPAuthenticationError(code, text)
 
 
 def _use_kernel_timeouts(sock: socket.socket, seconds: float) -> None:
@@ -706,6 +801,18 @@ def write_file(folder: str, message_id: str, envelope: dict, message: bytes) -> 
     _atomic_write(os.path.join(folder, message_id + ".eml"), message)
     _atomic_write(os.path.join(folder, message_id + ".json"),
                   json.dumps(envelope, indent=2, ensure_ascii=False).encode("utf-8"))
+
+
+def check_folder(folder: str) -> None:
+    """The `file:` remote's folder exists (or can be made) and takes a new file.
+
+    Raises:
+        OSError: it cannot be created or written.
+    """
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
+    os.close(fd)
+    os.unlink(tmp)
 
 
 def _atomic_write(path: str, data: bytes) -> None:

@@ -139,3 +139,23 @@ def test_6_bind_failure_is_one_line(tmp_path):
     assert result.returncode != 0
     assert "Traceback" not in result.stderr
     assert "listen" in result.stderr.strip().splitlines()[-1]
+
+
+def test_10_test_remotes_process_prints_a_line_per_remote_and_exits_1_on_a_failure(tmp_path):
+    ini = tmp_path / "probe.ini"
+    with socket.socket() as bound:
+        bound.bind(("127.0.0.1", 0))  # bound, never listening: connections are refused
+        port = bound.getsockname()[1]
+        write_ini(ini, {"remotes": "file:outbox smtp://u:pw-x@127.0.0.1:%d" % port})
+        result = run_relay("-test-remotes", str(ini))
+    assert result.returncode == 1, result.stderr
+    assert result.stdout.splitlines() == [
+        "ok   file:%s: writable folder" % (tmp_path / "outbox"),
+        "FAIL smtp://u:***@127.0.0.1:%d: connect: Connection refused" % port]
+    assert "pw-x" not in result.stdout + result.stderr
+    write_ini(ini, {"remotes": "file:outbox"})
+    assert run_relay("-test-remotes", str(ini)).returncode == 0
+    write_ini(ini, {"remotes": "starttls://a%40b.test:pw-x@mail.test?auth=xoauth2"})
+    result = run_relay("-test-remotes", str(ini))
+    assert_one_line_error(result, "remotes")
+    assert "pw-x" not in result.stderr
