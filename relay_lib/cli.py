@@ -16,22 +16,23 @@ from .config import OPTION_NAMES, ConfigError, describe, load, parse_bool
 from .logs import fields, log, setup_logging
 
 BCRYPT_MAX_BYTES = 72  # bcrypt reads no further; bcrypt 5 refuses longer passwords
-ACTIONS = ("check", "version", "hash_password", "help", "h")
+ACTIONS = ("check", "version", "hash_password", "help", "h", "queue", "flush")
 USAGE = """usage: smtprelay [-config FILE | FILE] [-check] [-version] [-hash-password]
-                 [-test-remotes FILE] [-option value | --option=value ...]
+                 [-test-remotes FILE] [-queue | -flush | -delete ID|ALL]
+                 [-option value | --option=value ...]
 Options are those of the config file (see smtprelay.ini); flags override the
 environment (SMTPRELAY_<OPTION>), which overrides the file."""
 
 
-def parse_args(argv: List[str]) -> Tuple[Optional[str], Dict[str, str], List[str]]:
-    """Split argv into (config path, option flags, actions).
+def parse_args(argv: List[str]) -> Tuple[Optional[str], Dict[str, str], Dict[str, str]]:
+    """Split argv into (config path, option flags, actions with their argument).
 
     Raises:
         ConfigError: unknown flag or a flag without its value.
     """
     config_path: Optional[str] = None
     flags: Dict[str, str] = {}
-    actions: List[str] = []
+    actions: Dict[str, str] = {}
     args = list(argv)
     while args:
         arg = args.pop(0)
@@ -43,7 +44,13 @@ def parse_args(argv: List[str]) -> Tuple[Optional[str], Dict[str, str], List[str
         name, has_value, value = arg.lstrip("-").partition("=")
         key = name.replace("-", "_")
         if key in ACTIONS:
-            actions.append(key)
+            actions[key] = ""
+        elif key == "delete":
+            if not has_value:
+                if not args:
+                    raise ConfigError("delete", "flag needs a message id or ALL")
+                value = args.pop(0)
+            actions[key] = value
         elif key in ("config", "test_remotes"):
             if not has_value:
                 if not args:
@@ -51,7 +58,7 @@ def parse_args(argv: List[str]) -> Tuple[Optional[str], Dict[str, str], List[str
                 value = args.pop(0)
             config_path = value
             if key == "test_remotes":
-                actions.append(key)
+                actions[key] = ""
         elif key in OPTION_NAMES:
             if not has_value:
                 if OPTION_NAMES[key].parse is parse_bool:
@@ -169,6 +176,18 @@ def main(argv: List[str]) -> int:
         settings = load(config_path, flags)
         if "test_remotes" in actions:
             return test_remotes(settings)
+        if actions.keys() & {"queue", "flush", "delete"}:
+            from . import spool
+        if "queue" in actions:
+            print("\n".join(spool.list_queue(settings)))
+            return 0
+        if "flush" in actions:
+            print(spool.request_flush(settings))
+            return 0
+        if "delete" in actions:
+            status, text = spool.delete(settings, actions["delete"])
+            print(text, file=sys.stderr if status else sys.stdout)
+            return status
         if "check" in actions:
             from .server import make_server_context
 

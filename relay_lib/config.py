@@ -261,6 +261,13 @@ OPTIONS: Tuple[Option, ...] = (
     Option("oauth_scope", DEFAULT_SCOPE, _text, "scope of the client credentials grant"),
     Option("oauth_refresh_token", "", _optional, "refresh token; when set, the refresh_token grant is used",
            secret=True),
+    Option("spool_dir", "", _optional, "folder of the queue; empty turns the spool off", path=True),
+    Option("spool_mode", "fallback", _choice("fallback", "always"), "fallback: queue what failed temporarily; always: queue every message"),
+    Option("queue_retry_min", "1m", _timeout(0.001), "first retry delay; doubles each attempt"),
+    Option("queue_retry_max", "1h", _timeout(0.001), "longest delay between attempts"),
+    Option("queue_lifetime", "120h", _timeout(0.001), "after this age a queued message is bounced and moved to failed/"),
+    Option("spool_max_size", "1073741824", _integer(0), "bytes the queue may hold"),
+    Option("bounce", "true", parse_bool, "send a delivery status notification when a queued message fails for good"),
 )
 OPTION_NAMES = {o.name: o for o in OPTIONS}
 
@@ -310,6 +317,13 @@ class Settings:
     oauth_client_secret: Optional[str] = field(repr=False)
     oauth_scope: str
     oauth_refresh_token: Optional[str] = field(repr=False)
+    spool_dir: Optional[str]
+    spool_mode: str
+    queue_retry_min: float
+    queue_retry_max: float
+    queue_lifetime: float
+    spool_max_size: int
+    bounce: bool
     config_path: Optional[str] = None
     base_dir: str = "."
     raw: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
@@ -464,6 +478,8 @@ def _validate(s: Settings) -> None:
         path = getattr(s, name)
         if path and not os.path.isfile(path):
             raise ConfigError(name, "cannot read %s: no such file" % path)
+    if s.queue_retry_max < s.queue_retry_min:
+        raise ConfigError("queue_retry_max", "shorter than queue_retry_min")
     if s.strict_sender and not any(r.sender for r in s.remotes):
         raise ConfigError("strict_sender", "no remote has a /sender, so no message could be sent")
     if any(r.auth == "xoauth2" for r in s.remotes):

@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from email.utils import format_datetime
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 from . import metrics, oauth, remotes, replies, webhook
 from .config import Settings
@@ -92,6 +92,41 @@ def received_header(settings: Settings, env: Envelope) -> bytes:
     return text.encode("utf-8", "replace")
 
 
+# The state of one (destination, recipient) pair (SPEC 9).
+PENDING, DELIVERED, REFUSED, DISCARDED = "pending", "delivered", "refused", "discarded"
+
+
+@dataclass
+class Pair:
+    """One recipient at one destination: its state and the last reply about it."""
+
+    dest: str
+    rcpt: str
+    state: str = PENDING
+    reply: str = ""
+    notified: bool = False  # a bounce was made for this refusal
+
+
+@dataclass
+class Job:
+    """A message part way through the steps: what is done and what is left.
+
+    `scan` and `command` are the webhook and command steps still to run;
+    `pairs` say what each destination still owes. A retry runs the same
+    steps from the first undone one, so nothing that succeeded runs again.
+    """
+
+    env: Envelope
+    message: bytes
+    scan: bool
+    command: bool
+    pairs: List[Pair]
+    error: str = ""  # why the last attempt left something pending
+
+    def pending(self) -> List[Pair]:
+        return [p for p in self.pairs if p.state == PENDING]
+
+
 class Delivery:
     """Runs the delivery steps of SPEC 4 for each message; safe to share between threads."""
 
@@ -101,6 +136,9 @@ class Delivery:
         self.dispatcher = make_dispatcher(settings)
         # Built once: loading the system trust store per webhook call is slow.
         self.webhook_context = ssl.create_default_context() if settings.webhook_url else None
+        # With a spool, `spool.settle(job, failure) -> Reply` takes over the
+        # reply (SPEC 9); the spool sets it so this module never imports it.
+        self.spool = None
 
     def deliver(self, env: Envelope, body: bytes) -> Reply:
         """Deliver one message; returns the client's reply, never raises.
@@ -117,7 +155,8 @@ class Delivery:
         except Exception:  # noqa: BLE001
             log.exception("delivery failed", extra=fields(id=env.id))
             reply = replies.FORWARD_TEMPFAIL
-        metrics.MESSAGES.labels(metrics.message_result(reply.code)).inc()
+        queued = reply == replies.queued(env.id)
+        metrics.MESSAGES.labels("queued" if queued else metrics.message_result(reply.code)).inc()
         log.info("message", extra=fields(
             id=env.id, peer=env.peer, user=env.user or "", **{"from": env.mail_from},
             to=",".join(env.rcpts), size=env.size, remote="; ".join(results),
@@ -143,20 +182,63 @@ class Delivery:
             # aliases or remotes changed since. Never drop after a 250.
             results.append("no remote routes a recipient")
             return replies.NO_ROUTE
-        if s.webhook_url:
-            verdict = self._scan(env, message)
+        job = self.new_job(env, message, plan, scan=bool(s.webhook_url))
+        if self.spool is None:
+            return self.run_steps(job, results) or replies.accepted(env.id)
+        failure = self.run_steps(job, results, keep_going=True,
+                                 scan_only=s.spool_mode == "always")
+        return self.spool.settle(job, failure)
+
+    def run_steps(self, job: Job, results: List[str], keep_going: bool = False,
+                  scan_only: bool = False) -> Optional[Reply]:
+        """Run the steps `job` still owes, in order; returns the first failure's reply, or None.
+
+        A webhook or command failure stops there; a permanent one refuses
+        every pending pair. Remotes are tried in order; without `keep_going`
+        the first failure stops (SPEC 5.3), with it every destination gets its
+        try and the pairs record what each one did (SPEC 9).
+        """
+        env = job.env
+        if job.scan:
+            verdict = self._scan(env, job.message)
             metrics.WEBHOOK_CALLS.labels(verdict.action).inc()
             results.append("webhook %s" % verdict.action)
             if verdict.action == webhook.REPLACE:
-                message = verdict.message
+                job.message = verdict.message
             elif verdict.action != webhook.ACCEPT:
-                return self._verdict_reply(env, verdict)
-        if s.command:
-            reply = self._run_command(env, message)
+                reply = self._verdict_reply(env, verdict)
+                if verdict.action == webhook.DISCARD:
+                    _settle_pending(job, DISCARDED, "discarded by the webhook")
+                elif reply.code >= 500:
+                    _settle_pending(job, REFUSED, str(reply))
+                else:
+                    job.error = str(reply)
+                    return reply
+                return None if verdict.action == webhook.DISCARD else reply
+            job.scan = False
+        if scan_only:
+            return None
+        if job.command:
+            reply = self._run_command(env, job.message)
             results.append("command %d" % reply.code)
             if reply is not replies.OK:
+                if reply.code >= 500:
+                    _settle_pending(job, REFUSED, str(reply))
+                job.error = str(reply)
                 return reply
-        return self._forward(env, plan, message, results)
+            job.command = False
+            if not self.settings.remotes:
+                _settle_pending(job, DELIVERED, "command 0")
+        return self._forward(job, results, keep_going)
+
+    def new_job(self, env: Envelope, message: bytes, plan, scan: bool) -> Job:
+        """A job with every step to do: one pair per routed recipient of each
+        destination, keyed by the destination's name (stable across restarts)."""
+        if not self.settings.remotes:  # the command is the only destination
+            pairs = [Pair("command", rcpt) for rcpt in env.rcpts]
+        else:
+            pairs = [Pair(dest.name, rcpt) for dest, rcpts in plan for rcpt in rcpts]
+        return Job(env, message, scan=scan, command=bool(self.settings.command), pairs=pairs)
 
     def _verdict_reply(self, env: Envelope, verdict: webhook.Verdict) -> Reply:
         """The reply for a webhook verdict that stops the message (SPEC 4.2)."""
@@ -169,14 +251,30 @@ class Delivery:
         log.warning("webhook failed", extra=fields(id=env.id, reason=verdict.reason))
         return replies.SCAN_UNAVAILABLE
 
-    def _forward(self, env: Envelope, plan, message: bytes, results: List[str]) -> Reply:
-        """One transaction per destination, in the order listed; the first
-        failure stops (SPEC 5.3). A failover group tries its members (SPEC 11)."""
+    def _forward(self, job: Job, results: List[str], keep_going: bool) -> Optional[Reply]:
+        """One transaction per destination with pending pairs, in the order
+        listed; a failover group tries its members (SPEC 5.3, 11). Without
+        `keep_going` the first failure stops; with it each destination gets
+        its try and the pairs record what it did (SPEC 9)."""
+        env, message = job.env, job.message
+        first_failure: List[Reply] = []
+        current: Dict[str, Pair] = {}
+
         def send(remote: remotes.Remote, rcpts: List[str]) -> str:
             if remote.scheme == "file":
                 remotes.write_file(remote.path, env.id, self._envelope_json(env, rcpts, message), message)
-                return "ok"
-            return self.dispatcher.send(remote, env.mail_from, rcpts, message)
+                outcome = "ok"
+            else:
+                refused: Optional[Dict[str, tuple]] = {} if keep_going else None
+                outcome = self.dispatcher.send(remote, env.mail_from, rcpts, message, refused=refused)
+                for rcpt, answer in (refused or {}).items():  # refused one by one, the others took it
+                    failure = smtplib.SMTPRecipientsRefused({rcpt: answer})
+                    first_failure.append(remote_reply(remote, failure))
+                    _refused_one(job, current[rcpt], remote, failure)
+            for rcpt in rcpts:
+                if current[rcpt].state == PENDING:
+                    current[rcpt].state, current[rcpt].reply = DELIVERED, outcome
+            return outcome
 
         def attempted(remote: remotes.Remote, outcome: remotes.Outcome) -> None:
             if isinstance(outcome, Exception):
@@ -187,11 +285,30 @@ class Delivery:
             else:
                 results.append("%s %s" % (remote.masked(), outcome))
 
-        for dest, rcpts in plan:
-            failed = remotes.deliver(dest, rcpts, send, attempted, self.dispatcher.is_down)
-            if failed is not None:
-                return remote_reply(*failed)
-        return replies.accepted(env.id)
+        plan = remotes.route(self.settings.remotes, env.mail_from, [p.rcpt for p in job.pending()],
+                             self.settings.strict_sender)
+        routes = {dest.name: dest for dest, _ in plan}
+        for name in _unique_order(p.dest for p in job.pending()):
+            current = {p.rcpt: p for p in job.pending() if p.dest == name}
+            dest = routes.get(name)
+            if dest is None:  # the configuration changed while the message was queued
+                job.error = "%s is no longer configured" % name
+                first_failure.append(replies.FORWARD_TEMPFAIL)
+                continue
+            failed = remotes.deliver(dest, list(current), send, attempted, self.dispatcher.is_down)
+            if failed is None:
+                continue
+            reply = remote_reply(*failed)
+            if not keep_going:
+                return reply
+            first_failure.append(reply)
+            remote, exc = failed
+            job.error = _describe(exc)
+            for pair in current.values():
+                # Recipients the failing member never had stay pending for the next try.
+                if pair.state == PENDING and remote.admits(pair.rcpt):
+                    _refused_one(job, pair, remote, exc)
+        return first_failure[0] if first_failure else None
 
     def _scan(self, env: Envelope, message: bytes) -> webhook.Verdict:
         s = self.settings
@@ -247,6 +364,25 @@ def make_dispatcher(settings: Settings) -> remotes.Dispatcher:
         failover_skip=settings.failover_skip, tokens=tokens)
 
 
+def _settle_pending(job: Job, state: str, reply: str) -> None:
+    for pair in job.pending():
+        pair.state, pair.reply = state, reply
+
+
+def _refused_one(job: Job, pair: Pair, remote: remotes.Remote, exc: Exception) -> None:
+    """Record a failed send for one pair: a 5xx refuses it, anything else leaves it pending."""
+    if isinstance(exc, smtplib.SMTPRecipientsRefused):
+        answer = exc.recipients.get(pair.rcpt)
+        exc = smtplib.SMTPRecipientsRefused({pair.rcpt: answer}) if answer else OSError(
+            "the remote refused the other recipients")
+    reply = remote_reply(remote, exc)
+    pair.reply = str(reply) if reply.code >= 500 else _describe(exc)
+    if reply.code >= 500:
+        pair.state = REFUSED
+    else:
+        job.error = pair.reply
+
+
 def remote_reply(remote: remotes.Remote, exc: BaseException) -> Reply:
     """SPEC 4.1: a remote's 5xx passes through, prefixed by its host; the rest is 451 4.4.1."""
     code, text = remotes.failure_code(exc)
@@ -278,6 +414,10 @@ def _unique(addrs) -> List[str]:
             seen.add(key)
             out.append(addr)
     return out
+
+
+def _unique_order(items) -> List[str]:
+    return list(dict.fromkeys(items))
 
 
 def _utc(moment: datetime) -> str:

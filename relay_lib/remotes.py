@@ -401,8 +401,13 @@ class Dispatcher:
         self._stop = threading.Event()
         self._reaper: Optional[threading.Thread] = None
 
-    def send(self, remote: Remote, sender: str, rcpts: List[str], message: bytes) -> str:
+    def send(self, remote: Remote, sender: str, rcpts: List[str], message: bytes,
+             refused: Optional[Dict[str, Tuple[int, bytes]]] = None) -> str:
         """Send one message to `rcpts` through `remote`; returns the remote's final reply.
+
+        With a `refused` dict, a recipient the remote refuses is recorded
+        there and the others still get the message; only when every one is
+        refused does it raise SMTPRecipientsRefused, naming them all.
 
         `message` has CRLF line ends and is sent byte for byte (dot-stuffed on
         the wire [R5321 4.5.2]). `remote.sender`, when set, replaces `sender`.
@@ -411,29 +416,33 @@ class Dispatcher:
         Raises:
             smtplib.SMTPResponseException: the remote refused with this reply
                 (SMTPSenderRefused, SMTPDataError, SMTPConnectError, SMTPHeloError).
-            smtplib.SMTPRecipientsRefused: a recipient was refused; one refusal fails the message.
+            smtplib.SMTPRecipientsRefused: a recipient was refused; one refusal fails the
+                message (without `refused`).
             SetupFailed, OSError: STARTTLS or AUTH failed, connection refused,
                 dropped or timed out (smtplib.SMTPException is an OSError).
         """
         started = time.monotonic()
         try:
-            reply = self._send(remote, sender, rcpts, message)
+            reply = self._send(remote, sender, rcpts, message, refused)
         except Exception as exc:
             _count(remote, "rejected" if 500 <= failure_code(exc)[0] <= 599 else "tempfailed", started)
             raise
         _count(remote, "delivered", started)
         return reply
 
-    def _send(self, remote: Remote, sender: str, rcpts: List[str], message: bytes) -> str:
+    def _send(self, remote: Remote, sender: str, rcpts: List[str], message: bytes,
+              refused: Optional[dict]) -> str:
         """send() without the counting: a pooled connection when one is idle, else a new one."""
         if remote.sender is not None:
             sender = remote.sender
         conn = self._checkout(remote)
         if conn is not None:
             try:
-                reply = _transaction(conn, sender, rcpts, message, reused=True)
+                reply = _transaction(conn, sender, rcpts, message, reused=True, refused=refused)
             except _Stale:
                 conn.close()  # closed by the remote while idle: nothing was sent, retry
+                if refused:
+                    refused.clear()
             except BaseException:
                 conn.close()
                 raise
@@ -448,7 +457,7 @@ class Dispatcher:
         if self._down:
             self._down.pop(remote, None)
         try:
-            reply = _transaction(conn, sender, rcpts, message, reused=False)
+            reply = _transaction(conn, sender, rcpts, message, reused=False, refused=refused)
         except BaseException:
             conn.close()
             raise
@@ -718,8 +727,10 @@ def _address(addr: str) -> bytes:
     return ("<%s>" % addr).encode("utf-8")
 
 
-def _transaction(conn: _Conn, sender: str, rcpts: List[str], message: bytes, reused: bool) -> str:
-    """One MAIL/RCPT/DATA transaction; raises on the first refusal (see Dispatcher.send)."""
+def _transaction(conn: _Conn, sender: str, rcpts: List[str], message: bytes, reused: bool,
+                 refused: Optional[dict] = None) -> str:
+    """One MAIL/RCPT/DATA transaction; raises on the first refusal, or
+    records refused recipients in `refused` (see Dispatcher.send)."""
     smtp = conn.smtp
     options = []
     if smtp.has_extn("size"):
@@ -752,7 +763,11 @@ def _transaction(conn: _Conn, sender: str, rcpts: List[str], message: bytes, reu
         if verb == "MAIL" and code != 250:
             raise smtplib.SMTPSenderRefused(code, text, arg)
         elif verb == "RCPT" and code not in (250, 251):
-            raise smtplib.SMTPRecipientsRefused({arg: (code, text)})
+            if refused is None:
+                raise smtplib.SMTPRecipientsRefused({arg: (code, text)})
+            refused[arg] = (code, text)
+        elif verb == "DATA" and refused and len(refused) == len(rcpts):
+            raise smtplib.SMTPRecipientsRefused(dict(refused))
         elif verb == "DATA" and code != 354:
             raise smtplib.SMTPDataError(code, text)
     if message.startswith(b".") or b"\n." in message:
@@ -798,9 +813,13 @@ def write_file(folder: str, message_id: str, envelope: dict, message: bytes) -> 
         OSError: the folder is not writable or the disk is full.
     """
     os.makedirs(folder, exist_ok=True)
-    _atomic_write(os.path.join(folder, message_id + ".eml"), message)
-    _atomic_write(os.path.join(folder, message_id + ".json"),
-                  json.dumps(envelope, indent=2, ensure_ascii=False).encode("utf-8"))
+    atomic_write(os.path.join(folder, message_id + ".eml"), message)
+    atomic_write(os.path.join(folder, message_id + ".json"),
+                 json.dumps(envelope, indent=2, ensure_ascii=False).encode("utf-8"))
+
+
+TEMP_PREFIX = ".tmp-"  # a file being written; the spool removes these at start-up
+_O_BINARY = getattr(os, "O_BINARY", 0)  # Windows: no newline translation
 
 
 def check_folder(folder: str) -> None:
@@ -810,25 +829,53 @@ def check_folder(folder: str) -> None:
         OSError: it cannot be created or written.
     """
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=TEMP_PREFIX)
     os.close(fd)
     os.unlink(tmp)
 
 
-def _atomic_write(path: str, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
+def atomic_write(path: str, data: bytes) -> None:
+    """Write `data` to a temporary name beside `path`, fsync it, rename it into place.
+
+    Raises:
+        OSError: the folder is not writable or the disk is full (no temporary file stays).
+    """
+    tmp = write_temporary(path, data, sync=True)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        _discard(tmp)
+        raise
+
+
+def write_temporary(path: str, data: bytes, sync: bool) -> str:
+    """Write `data` under the temporary name of `path` (fsynced when `sync`); returns that name.
+
+    Raises:
+        OSError: the folder is not writable or the disk is full (no temporary file stays).
+    """
+    # Every path written here is named after a unique message id, and only
+    # one thread writes a given path, so the temporary name needs no random
+    # part (mkstemp cost as much as the write). O_EXCL still refuses a clash.
+    tmp = os.path.join(os.path.dirname(path), TEMP_PREFIX + os.path.basename(path))
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_BINARY, 0o600)
     try:
         with os.fdopen(fd, "wb") as out:
             out.write(data)
-            out.flush()
-            os.fsync(out.fileno())  # the client deletes its copy after our 250
-        os.replace(tmp, path)
+            if sync:
+                out.flush()
+                os.fsync(out.fileno())  # the client deletes its copy after our 250
     except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass  # keep the original error
+        _discard(tmp)
         raise
+    return tmp
+
+
+def _discard(tmp: str) -> None:
+    try:
+        os.unlink(tmp)
+    except OSError:
+        pass  # keep the original error
 
 
 def is_enhanced_code(word: str) -> bool:

@@ -144,6 +144,14 @@ FORWARD_TEMPFAIL = Reply(451, "4.4.1", "Forwarding failed, try again later")
 NO_REMOTE = Reply(554, "5.3.5", "No remote configured")
 
 
+# The spool (SPEC 9)
+def queued(message_id: str) -> Reply:
+    return Reply(250, "2.0.0", "OK %s queued" % message_id)
+
+
+SPOOL_FULL = Reply(452, "4.3.1", "Insufficient system storage, try again later")
+
+
 def scan_rejected(code: int, enhanced: str, reason: str) -> Reply:
     """The webhook's reject verdict (SPEC 4.2); the caller ensures a 5xx code."""
     return Reply(code, enhanced, clean_echo(reason))

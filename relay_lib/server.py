@@ -31,6 +31,7 @@ from relay_lib.logs import fields, log
 from relay_lib.metrics_http import MetricsHTTPServer
 from relay_lib.replies import Reply
 from relay_lib.session import Session
+from relay_lib.spool import Spool
 from relay_lib.wire import Wire, WireError
 
 POLL_INTERVAL = 0.05  # seconds; how fast serve_forever notices stop()
@@ -288,6 +289,7 @@ class Relay:
         self.users = (policy.Users(settings.allowed_users, settings.auth_cache_ttl, settings.read_timeout)
                       if settings.allowed_users else None)
         self.aliases = self.delivery.aliases  # one table: RCPT routing and delivery agree
+        self.spool = Spool(settings, self.delivery) if settings.spool_dir else None
         self.tls_context: Optional[ssl.SSLContext] = None
         self.addresses: List[Tuple[str, str, int]] = []
         self._servers: List[RelayServer] = []
@@ -321,6 +323,8 @@ class Relay:
             OSError: a listen address cannot be bound.
         """
         self.tls_context = make_server_context(self.settings)
+        if self.spool is not None:
+            self.spool.start()  # the queue is picked up before any client is accepted
         try:
             for listener in self.settings.listen:
                 server = RelayServer(self, listener)
@@ -361,6 +365,8 @@ class Relay:
         with self._lock:
             self._stopping = True
             sessions = list(self._sessions)
+        if self.spool is not None:
+            self.spool.stop()  # no new queue attempt; those in progress finish below
         # Only servers whose thread started: shutdown() would wait forever on
         # one that never ran serve_forever().
         for server, _ in zip(self._servers, self._threads):
@@ -372,6 +378,8 @@ class Relay:
             session.shutdown()
         if not self._slots.wait_empty(timeout):
             log.warning("sessions still running at shutdown", extra=fields(count=self._slots.count))
+        if self.spool is not None:
+            self.spool.join(timeout)
         self.delivery.close()
         if self._metrics is not None:
             self._metrics.stop()
