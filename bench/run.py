@@ -58,6 +58,7 @@ CONFIGS = [
 
 
 AUTH_ROWS = len(CONFIGS) + 1  # --only number of the AUTH rows (bench/auth_bench.py)
+SPOOL_ROWS = (AUTH_ROWS + 1, AUTH_ROWS + 2)  # --only numbers of the spool rows (bench/spool_bench.py)
 
 
 class BenchError(Exception):
@@ -124,8 +125,8 @@ class Sink:
     by CR) after every message; the last mesg= value in its output is the count.
     """
 
-    def __init__(self, workdir: str):
-        self.port = free_port()
+    def __init__(self, workdir: str, port: Optional[int] = None):
+        self.port = port or free_port()
         self.log_path = os.path.join(workdir, "sink.out")
         cmd = [find_tool("smtp-sink"), "-c", "-m", "2048"]
         if os.geteuid() == 0:
@@ -422,13 +423,25 @@ def print_table(results: List[Result], idle: Optional[IdleResult], runs: int) ->
                   mb(idle.rss_kb), mb(idle.hwm_kb), idle.threads))
 
 
+def spool_rows(args: argparse.Namespace, sink: Sink, workdir: str, extra: Dict[str, str]):
+    """The spool's rows (SPEC 9, bench/spool_bench.py): (always result, outage result)."""
+    always = outage = None
+    if not args.only or SPOOL_ROWS[0] in args.only:
+        print("Spool, spool_mode = always: %s" % CONFIGS[0].name, flush=True)
+        always = spool_bench.bench_always(sink, workdir, args.runs, args.scale, extra)
+    if not args.only or SPOOL_ROWS[1] in args.only:
+        print("Spool outage run", flush=True)
+        outage = spool_bench.bench_outage(workdir, args.scale, extra)
+    return always, outage
+
+
 def parse_args(argv: List[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=3, help="rounds per configuration (median is reported)")
     parser.add_argument("--scale", type=float, default=1.0, help="multiply the message counts (0.1 = quick try)")
-    parser.add_argument("--only", type=int, action="append", choices=range(1, AUTH_ROWS + 1),
-                        help="run only this configuration (1-%d; %d = the AUTH rows); repeatable"
-                        % (len(CONFIGS), AUTH_ROWS))
+    parser.add_argument("--only", type=int, action="append", choices=range(1, SPOOL_ROWS[1] + 1),
+                        help="run only this configuration (1-%d; %d = the AUTH rows, %d and %d the "
+                        "spool's); repeatable" % (len(CONFIGS), AUTH_ROWS, SPOOL_ROWS[0], SPOOL_ROWS[1]))
     parser.add_argument("--no-idle", action="store_true", help="skip the idle sessions check")
     parser.add_argument("--set", action="append", default=[], metavar="OPTION=VALUE",
                         help="extra relay option for bench.ini, e.g. --set remote_pool_size=20")
@@ -452,6 +465,7 @@ def main(argv: List[str]) -> int:
     results: List[Result] = []
     idle = None
     auth = None
+    spool = (None, None)
     try:
         sink = Sink(workdir)
         for folder in (args.profile, args.cprofile):
@@ -468,11 +482,14 @@ def main(argv: List[str]) -> int:
             auth = auth_bench.bench_auth(
                 sink, lambda options: Relay(workdir, sink.port, 200, dict(extra, **options), scheme="starttls://"),
                 workdir, args.scale, args.runs)
+        if not args.direct_only:
+            spool = spool_rows(args, sink, workdir, extra)
         if not args.no_idle and not args.direct_only:
             print("Idle sessions: opening %d" % IDLE_SESSIONS, flush=True)
             idle = bench_idle(sink, workdir, extra)
     except (BenchError, auth_bench.LoadError) as exc:
         print_table(results, idle, args.runs)
+        spool_bench.print_rows(*spool)
         print("\nFAILED: %s" % exc, file=sys.stderr)
         return 1
     finally:
@@ -485,6 +502,7 @@ def main(argv: List[str]) -> int:
     print_table(results, idle, args.runs)
     if auth:
         auth_bench.print_auth(auth, args.runs)
+    spool_bench.print_rows(*spool)
     if idle and (idle.refused or idle.held != IDLE_SESSIONS or not idle.delivered):
         print("\nFAILED: the relay did not hold %d idle sessions" % IDLE_SESSIONS, file=sys.stderr)
         return 1
@@ -492,4 +510,7 @@ def main(argv: List[str]) -> int:
 
 
 if __name__ == "__main__":
+    # spool_bench imports this module's helpers by name: one module, one BenchError.
+    sys.modules["run"] = sys.modules[__name__]
+    import spool_bench
     sys.exit(main(sys.argv[1:]))
