@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import sys
 
 from conftest import wait_until
 from relay_lib import metrics, spool
@@ -171,3 +172,19 @@ def test_9_pairs_a_failover_group_is_one_destination(spool_relay, late_sink):
     print(spool.request_flush(relay.settings))
     assert wait_until(lambda: queue_empty(relay))
     assert [m.rcpt_tos for m in backup.box] == [["b@example.org"]]
+
+
+def test_9_retries_command_exit_75_is_queued_and_run_again(spool_relay, tmp_path):
+    script = tmp_path / "archive.py"
+    script.write_text("import os, sys\n"
+                      "marker = sys.argv[1]\n"
+                      "if not os.path.exists(marker):\n"
+                      "    open(marker, 'w').close()\n"
+                      "    sys.exit(75)\n"
+                      "open(marker + '.got', 'wb').write(sys.stdin.buffer.read())\n")
+    marker = tmp_path / "ran-once"
+    relay = spool_relay(remotes="", command="%s %s %s" % (sys.executable, script, marker))
+    message_id = queued_id(*send(relay, ["b@example.org"], MESSAGE))
+    assert wait_until(lambda: queue_empty(relay))
+    got = (tmp_path / "ran-once.got").read_bytes()
+    assert got.endswith(MESSAGE) and message_id.encode() in got
