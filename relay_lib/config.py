@@ -220,8 +220,8 @@ class Option(NamedTuple):
 
 OPTIONS: Tuple[Option, ...] = (
     Option("logfile", "", _optional, "log file; empty logs to stderr (rotated at 10 MB, 3 kept)", path=True),
-    Option("log_format", "default", _choice(*FORMATS), "default, plain or json"),
-    Option("log_level", "info", _choice(*LEVELS), "panic, fatal, error, warn, info, debug or trace"),
+    Option("log_format", "default", _choice(*FORMATS), "default, plain, pretty or json"),
+    Option("log_level", "info", _choice(*LEVELS), "panic, fatal, error, warn (warning), info, debug, trace or disabled"),
     Option("hostname", "localhost.localdomain", _text, "name in the greeting, EHLO reply and Received header"),
     Option("welcome_msg", "", _text, "greeting text; empty means '<hostname> ESMTP ready.'"),
     Option("listen", "127.0.0.1:25 [::1]:25", parse_listen, "addresses to listen on; tls:// or starttls:// prefixes"),

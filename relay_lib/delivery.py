@@ -86,9 +86,12 @@ def received_header(settings: Settings, env: Envelope) -> bytes:
     if env.user:
         proto += "A"
     tls = " (%s %s)" % env.tls if env.tls else ""
-    text = "Received: from %s ([%s])\r\n\tby %s (smtprelay) with %s%s id %s\r\n\tfor <%s>; %s\r\n" % (
+    # `for` only with one recipient, as Postfix: every copy carries this
+    # header, and naming one recipient would show a Bcc to the others.
+    rcpt = "\r\n\tfor <%s>" % env.rcpts[0] if len(env.rcpts) == 1 else ""
+    text = "Received: from %s ([%s])\r\n\tby %s (smtprelay) with %s%s id %s%s; %s\r\n" % (
         _printable_helo(env.helo), env.peer, settings.hostname, proto, tls, env.id,
-        env.rcpts[0] if env.rcpts else "", _rfc5322_date(env.received_at))
+        rcpt, _rfc5322_date(env.received_at))
     return text.encode("utf-8", "replace")
 
 
@@ -159,7 +162,7 @@ class Delivery:
         metrics.MESSAGES.labels("queued" if queued else metrics.message_result(reply.code)).inc()
         log.info("message", extra=fields(
             id=env.id, peer=env.peer, user=env.user or "", **{"from": env.mail_from},
-            to=",".join(env.rcpts), size=env.size, remote="; ".join(results),
+            to=list(env.rcpts), size=env.size, remote="; ".join(results),
             result=str(reply), ms=int((time.monotonic() - started) * 1000)))
         return reply
 

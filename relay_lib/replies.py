@@ -109,7 +109,7 @@ AUTH_BUSY = Reply(454, "4.7.0", "Temporary authentication failure")  # [R4954 6]
 
 NESTED_MAIL = Reply(503, "5.5.1", "Sender already specified")
 MAIL_SYNTAX = Reply(501, "5.5.4", "Syntax: MAIL FROM:<address>")
-UNKNOWN_PARAMETER = Reply(501, "5.5.4", "Unrecognized parameter")
+UNKNOWN_PARAMETER = Reply(555, "5.5.4", "Unrecognized parameter")  # [R5321 4.1.1.11]
 SENDER_NOT_ALLOWED = Reply(553, "5.7.1", "Sender address not allowed")
 NEED_SMTPUTF8 = Reply(553, "5.6.7", "Non-ASCII address requires SMTPUTF8")
 

@@ -17,6 +17,7 @@ admitted client gets its own thread at once, as before.
 import ipaddress
 import os
 import queue
+import random
 import socket
 import socketserver
 import ssl
@@ -27,12 +28,12 @@ from typing import List, Optional, Set, Tuple
 from relay_lib import metrics, policy, proxy, replies
 from relay_lib.config import ConfigError, Listener
 from relay_lib.delivery import Delivery
-from relay_lib.logs import fields, log
+from relay_lib.logs import fields, log, session_context
 from relay_lib.metrics_http import MetricsHTTPServer
 from relay_lib.replies import Reply
 from relay_lib.session import Session
 from relay_lib.spool import Spool
-from relay_lib.wire import Wire, WireError
+from relay_lib.wire import NoTLS, Wire, WireError
 
 POLL_INTERVAL = 0.05  # seconds; how fast serve_forever notices stop()
 ACCEPT_QUEUE = 128  # listen() backlog; socketserver's default of 5 drops bursts
@@ -273,7 +274,7 @@ class _Handler(socketserver.BaseRequestHandler):
             # ::ffff:a.b.c.d from a dual-stack listener is logged and stamped
             # as IPv4. An AF_INET peer is already in that form: no parsing.
             peer = str(policy.peer_address(peer))
-        self.server.relay._serve(self.request, peer, self.server.listener)
+        self.server.relay._serve(self.request, peer, self.client_address[1], self.server.listener)
 
 
 class Relay:
@@ -478,9 +479,17 @@ class Relay:
         s = self.settings
         return Wire(sock, s.read_timeout, s.write_timeout, s.data_timeout)
 
-    def _serve(self, sock: socket.socket, ip: str, listener: Listener) -> None:
+    def _serve(self, sock: socket.socket, ip: str, port: int, listener: Listener) -> None:
         """Run one admitted client: its PROXY header from a load balancer,
-        TLS on tls://, then the session."""
+        TLS on tls://, then the session.
+
+        Every line logged meanwhile carries a short session id and the
+        client's port, so parallel sessions from one host can be told apart.
+        """
+        with session_context(session="%08x" % random.getrandbits(32), port=port):
+            self._serve_session(sock, ip, listener)
+
+    def _serve_session(self, sock: socket.socket, ip: str, listener: Listener) -> None:
         settings = self.settings
         wire = self._wire(sock)
         if self._proxied(ip):
@@ -494,6 +503,10 @@ class Relay:
         if listener.scheme == "tls":
             try:
                 wire.start_tls(self.tls_context)
+            except NoTLS:
+                # A TCP health check (or a port scan): it connected and closed.
+                log.debug("closed before TLS", extra=fields(peer=ip))
+                return
             except WireError as exc:
                 metrics.CONNECTIONS_REFUSED.labels("tls_handshake").inc()
                 log.warning("tls handshake failed", extra=fields(peer=ip, reason=str(exc)))

@@ -15,7 +15,6 @@ error budget and logs the refusal.
 import base64
 import binascii
 import enum
-import logging
 import re
 import threading
 from datetime import datetime, timezone
@@ -23,15 +22,20 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 from relay_lib import metrics, policy, replies
 from relay_lib.delivery import Delivery, Envelope, new_message_id
-from relay_lib.logs import fields, session_logger
+from relay_lib.logs import TRACE, fields, session_logger
 from relay_lib.replies import Reply, SmtpError, clean_echo
-from relay_lib.wire import Closed, LineTooLong, Timeout, Wire, WireError
+from relay_lib.wire import Closed, LineTooLong, NoTLS, Timeout, Wire, WireError
 
 MAX_ERRORS = 20  # SPEC 3.2: failed commands before 421
 MAX_AUTH_FAILURES = 3  # SPEC 3.2: failed AUTH attempts before 421
 # A client that speaks HTTP to the SMTP port (a browser, or a cross-protocol
 # attack) is cut off at once, as Postfix does.
 HTTP_VERBS = (b"GET ", b"POST ", b"CONNECT ", b"HEAD ", b"PUT ")
+# SMTP verbs this relay does not implement: an unrecognised line is logged by
+# its length only (it may be a password sent out of step in AUTH), plus its
+# verb when it is one of these.
+OTHER_VERBS = frozenset(("EXPN", "TURN", "ETRN", "ATRN", "BDAT", "SEND", "SOML", "SAML",
+                         "XCLIENT", "XFORWARD", "XEXCH50", "X-LINK2STATE"))
 
 
 class Phase(enum.Enum):
@@ -164,7 +168,7 @@ class Session:
         """
         self.log.debug("connected", extra=fields(tls=bool(self.tls)))
         try:
-            self.wire.write(replies.greeting(self.settings.welcome_msg))
+            self._reply(replies.greeting(self.settings.welcome_msg))
             while not self.closing:
                 line = self._next_line()
                 if line is None:
@@ -230,6 +234,7 @@ class Session:
     def _last_words(self, reply: Reply) -> None:
         """Send a closing reply when the peer can still hear it."""
         self.closing = True
+        self._trace_reply(reply)
         try:
             self.wire.write(reply)
             self.wire.flush()
@@ -245,12 +250,14 @@ class Session:
         raw_verb, _, raw_arg = line.partition(b" ")
         # bytes.upper() folds ASCII only ('ſ'.upper() would be 'S').
         verb = raw_verb.upper().decode("ascii", "replace")
-        arg = raw_arg.decode("utf-8", "replace").strip(" ")
-        self._log_command(verb, arg)
         method = self.verbs.get(verb)
         if method is None:
-            self._fail(replies.UNRECOGNIZED)
+            # Never the text: it may be a password (SPEC 6).
+            known = {"verb": verb} if verb in OTHER_VERBS else {}
+            self._fail(replies.UNRECOGNIZED, length=len(line), **known)
             return
+        arg = raw_arg.decode("utf-8", "replace").strip(" ")
+        self._trace_command(verb, arg)
         for gate in GATES.get(verb, ()):
             refusal = gate(self)
             if refusal is not None:
@@ -261,15 +268,23 @@ class Session:
         except SmtpError as exc:  # policy or delivery refusing with a specific reply
             self._fail(exc.reply, verb=verb)
 
-    def _log_command(self, verb: str, arg: str) -> None:
-        if not self.log.isEnabledFor(logging.DEBUG):
+    # At trace level the log holds the dialogue itself (SPEC 6); debug
+    # keeps to events.
+
+    def _trace_command(self, verb: str, arg: str) -> None:
+        if not self.log.isEnabledFor(TRACE):
             return
         if verb == "AUTH":
             # Never log credentials, not even base64 (STYLE 9): keep the mechanism.
             arg = arg.split(" ", 1)[0] + (" ***" if " " in arg else "")
-        self.log.debug("command", extra=fields(verb=clean_echo(verb), arg=clean_echo(arg)))
+        self.log.log(TRACE, "command", extra=fields(line=clean_echo(("%s %s" % (verb, arg)).rstrip())))
+
+    def _trace_reply(self, reply: Reply) -> None:
+        if self.log.isEnabledFor(TRACE):
+            self.log.log(TRACE, "reply", extra=fields(line=str(reply).replace("\r\n", " | ")))
 
     def _reply(self, reply: Reply) -> None:
+        self._trace_reply(reply)
         self.wire.write(reply)
 
     def _fail(self, reply: Reply, **why) -> bool:
@@ -331,6 +346,10 @@ class Session:
         self._reply(replies.READY_TLS)
         try:
             dropped = self.wire.start_tls(self.starttls_context)
+        except NoTLS:
+            self.log.debug("closed before TLS")
+            self.closing = True
+            return
         except WireError as exc:
             # Nothing can be said any more: the client is mid-handshake.
             self.log.warning("tls handshake failed", extra=fields(reason=str(exc)))
@@ -392,6 +411,7 @@ class Session:
                 text = self._read_idle().strip()
             except LineTooLong:
                 return replies.AUTH_BAD_BASE64
+            self.log.log(TRACE, "auth response", extra=fields(line="***"))
         if text == b"*":
             return replies.AUTH_CANCELLED
         if text == b"=":  # an empty initial response [R4954 4]
@@ -453,7 +473,11 @@ class Session:
             elif key == "AUTH" and value:
                 pass  # [R4954 5]: accepted and ignored; we trust our own AUTH
             else:
-                self._fail(replies.UNKNOWN_PARAMETER, param=clean_echo(param))
+                # A known parameter with a bad value is a syntax error; an
+                # unknown one is 555 [R5321 4.1.1.11].
+                known = key in ("SIZE", "BODY", "SMTPUTF8", "AUTH")
+                self._fail(replies.SYNTAX_ARGUMENTS if known else replies.UNKNOWN_PARAMETER,
+                           param=clean_echo(param))
                 return
         if not smtputf8 and not addr.isascii():
             self._fail(replies.NEED_SMTPUTF8, sender=clean_echo(addr))
@@ -501,7 +525,12 @@ class Session:
         self._reply(replies.START_DATA)
         envelope = self.envelope
         self._enter(Phase.READY)
-        body, size = self.wire.read_data(self.settings.max_message_size)
+        try:
+            body, size = self.wire.read_data(self.settings.max_message_size)
+        except Timeout:
+            self.log.warning("timeout, closing", extra=fields(phase="data"))
+            self._last_words(replies.TIMEOUT)
+            return
         metrics.RECEIVED_BYTES.add(size)
         if body is None:
             metrics.MESSAGES.labels("rejected").inc()
@@ -546,7 +575,9 @@ def parse_path(text: str, null_ok: bool) -> Tuple[str, List[str]]:
     routes (`<@a,@b:u@d>` is `u@d`) [R5321 4.1.2, C.] and allows a space
     after the colon, as many clients send one. `<>` is the null path, for
     MAIL only; RCPT takes `<postmaster>` without a domain [R5321 4.5.1], MAIL
-    any bare local name.
+    any bare local name. Without angle brackets (printers and old scripts
+    send `MAIL FROM:a@b`), the first word is the address and the rest are
+    parameters, as in Postfix; the address is then checked as if bracketed.
 
     Raises:
         ValueError: with the reason, when the path is malformed.
@@ -555,13 +586,18 @@ def parse_path(text: str, null_ok: bool) -> Tuple[str, List[str]]:
     simple = _SIMPLE_PATH.match(text)
     if simple is not None:  # the common case, without the loop below
         return simple.group(1), text[simple.end():].split()
+    if text and not text.startswith("<"):
+        word, space, rest = text.partition(" ")
+        if "<" in word or ">" in word:
+            raise ValueError("unbalanced angle brackets")
+        return _parse_path_full("<%s>%s%s" % (word, space, rest), null_ok)
     return _parse_path_full(text, null_ok)
 
 
 def _parse_path_full(text: str, null_ok: bool) -> Tuple[str, List[str]]:
     """parse_path for every form: a character loop for quotes and routes."""
     if not text.startswith("<"):
-        raise ValueError("address must be in <angle brackets>")
+        raise ValueError("missing address")
     i = 1
     if text.startswith("<@"):
         colon = text.find(":", 1)

@@ -65,6 +65,10 @@ class Closed(WireError):
     """The peer went away, or the socket failed underneath us."""
 
 
+class NoTLS(Closed):
+    """The peer closed before sending a byte of TLS (a TCP health check)."""
+
+
 class LineTooLong(Exception):
     """A command line was over MAX_LINE octets; the rest of it was dropped.
 
@@ -372,6 +376,7 @@ class Wire:
         (CVE-2011-0411). The handshake must finish within read_timeout.
 
         Raises:
+            NoTLS: the peer closed without sending anything.
             Timeout, Closed (handshake failures included).
         """
         self.flush()
@@ -380,6 +385,10 @@ class Wire:
         self._kernel_timeouts = False  # see KERNEL_TIMEOUTS: TLS needs CPython's timeouts
         self._set_timeout(self.read_timeout)
         try:
+            # A peek tells a client that sent nothing at all (a health check
+            # that connects and closes) from a failed handshake.
+            if not self.sock.recv(1, socket.MSG_PEEK):
+                raise NoTLS("closed before TLS")
             self.sock = context.wrap_socket(self.sock, server_side=True)
         except socket.timeout as exc:
             raise Timeout("tls handshake") from exc

@@ -31,12 +31,22 @@ def command_line(tmp_path, code, sleep=0.0):
 
 def test_3_3_received_header_plain_esmtp(tmp_path):
     settings = settings_for(tmp_path)
-    env = envelope(rcpts=["b@example.org", "c@example.org"],
+    env = envelope(rcpts=["b@example.org"],
                    received_at=datetime(2026, 11, 24, 15, 4, 5, tzinfo=timezone.utc))
     assert received_header(settings, env) == (
         b"Received: from printer.lan ([127.0.0.1])\r\n"
         b"\tby relay.test (smtprelay) with ESMTP id " + env.id.encode() + b"\r\n"
         b"\tfor <b@example.org>; Tue, 24 Nov 2026 15:04:05 +0000\r\n")
+
+
+def test_3_3_received_header_names_no_recipient_when_there_are_several(tmp_path):
+    settings = settings_for(tmp_path)
+    env = envelope(rcpts=["b@example.org", "c@example.org"],
+                   received_at=datetime(2026, 11, 24, 15, 4, 5, tzinfo=timezone.utc))
+    assert received_header(settings, env) == (
+        b"Received: from printer.lan ([127.0.0.1])\r\n"
+        b"\tby relay.test (smtprelay) with ESMTP id " + env.id.encode()
+        + b"; Tue, 24 Nov 2026 15:04:05 +0000\r\n")
 
 
 def test_3_3_received_header_tls_auth_and_cleaned_helo(tmp_path):
@@ -176,7 +186,7 @@ def test_6_one_info_line_per_message_without_body_or_password(tmp_path, relay_lo
     assert len(info) == 1
     f = info[0].fields
     assert f["id"] == env.id and f["peer"] == "127.0.0.1" and f["user"] == "app1"
-    assert f["from"] == "app@example.com" and f["to"] == "b@example.org,c@example.org"
+    assert f["from"] == "app@example.com" and f["to"] == ["b@example.org", "c@example.org"]
     assert f["size"] == len(sink.box[0].content) and isinstance(f["ms"], int)
     assert "smtp://app1:***@127.0.0.1:%d 250" % sink.port in f["remote"]
     text = "\n".join(r.getMessage() + repr(r.__dict__) for r in ours)

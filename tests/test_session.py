@@ -34,13 +34,19 @@ from smtp_talk import write_users
     ("<scanner>", True, "scanner", []),
     ("<a@[192.0.2.1]>", False, "a@[192.0.2.1]", []),
     ("<j\u00f6rg@b\u00fccher.example>", False, "j\u00f6rg@b\u00fccher.example", []),
+    ("a@example.com", True, "a@example.com", []),
+    (" a@example.com SIZE=10  BODY=8BITMIME", True, "a@example.com", ["SIZE=10", "BODY=8BITMIME"]),
+    ("scanner", True, "scanner", []),
+    ("Postmaster", False, "Postmaster", []),
+    ("@hop:u@example.com", False, "u@example.com", []),
 ])
 def test_3_2_parse_path_accepts(text, null_ok, addr, params):
     assert parse_path(text, null_ok) == (addr, params)
 
 
 @pytest.mark.parametrize("text, null_ok", [
-    ("a@example.com", True), ("<a@example.com", True), ("<>", False), ("<a b@example.com>", True),
+    ("a@example.com>", True), ("a<b@example.com", True), ("a@", True), ("b", False),
+    ('"a b"@example.com', True), ("a\x00@example.com", True), ("<a@example.com", True), ("<>", False), ("<a b@example.com>", True),
     ("<a@example.com>junk", True), ("<@hop u@example.com>", False), ("<a@>", True), ("<@>", True),
     ("<scanner>", False), ("<a<b@example.com>", True), ('<"unterminated@example.com>', True),
     ("<a\x00@example.com>", True), ("<a@b@example.com>", True), ("", True),
@@ -63,9 +69,30 @@ def test_3_2_parse_path_only_raises_value_error(text, null_ok):
 @given(st.from_regex(r"\A ?<[a-z.\x00-\x7f\u00e9]{0,12}@[a-z.\[\]:\x00-\x7f]{0,12}>( [A-Z=0-9 ]{0,10})?\Z"),
        st.booleans())
 def test_3_2_parse_path_fast_path_agrees_with_the_full_parser(text, null_ok):
+    """The regex fast path must agree with the loop on everything it matches."""
     text = text.lstrip(" ")
     if _SIMPLE_PATH.match(text):
         assert parse_path(text, null_ok) == _parse_path_full(text, null_ok)
+
+
+@given(st.from_regex(r"\A ?[a-z.!#\x00-\x7f]{0,12}(@[a-z.\[\]:\x00-\x7f]{0,12})?( [A-Z=0-9 <>]{0,10})?\Z"),
+       st.booleans())
+def test_3_2_parse_path_bare_address_is_the_first_word(text, null_ok):
+    """Without brackets: the first word, checked as `<word>` would be, and the
+    rest as parameters (Postfix); never a different split."""
+    stripped = text.lstrip(" ")
+    word, _, rest = stripped.partition(" ")
+    try:
+        got = parse_path(text, null_ok)
+    except ValueError:
+        if not word or stripped.startswith("<") or "<" in word or ">" in word:
+            return
+        with pytest.raises(ValueError):
+            _parse_path_full("<%s> %s" % (word, rest), null_ok)
+        return
+    if not stripped.startswith("<"):
+        assert got == _parse_path_full("<%s> %s" % (word, rest), null_ok)
+        assert got[1] == rest.split()
 
 
 # -- whole sessions over a socketpair ------------------------------------------

@@ -109,17 +109,35 @@ def test_3_2_nested_mail_is_503(ready):
     assert ready.cmd("MAIL FROM:<a@example.com>").startswith("503 5.5.1 ")
 
 
-@pytest.mark.parametrize("arg", ["FROM:a@example.com", "FROM:<a@example.com", "TO:<a@example.com>",
+@pytest.mark.parametrize("arg", ["FROM:", "FROM:<a@example.com", "TO:<a@example.com>",
                                  "FROM", "", "FROM:<a b@example.com>", "FROM:<a@example.com>x",
-                                 "FROM:<@route:a@example.com", "FROM:<a@>", "FROM:<@x>"],
-                         ids=["no-brackets", "unclosed", "wrong-keyword", "no-colon", "empty",
-                              "space", "junk-after", "route-unclosed", "no-domain", "no-local"])
+                                 "FROM:<@route:a@example.com", "FROM:<a@>", "FROM:<@x>",
+                                 "FROM:a@example.com>", "FROM:a@"],
+                         ids=["no-address", "unclosed", "wrong-keyword", "no-colon", "empty",
+                              "space", "junk-after", "route-unclosed", "no-domain", "no-local",
+                              "bare-unopened", "bare-no-domain"])
 def test_3_2_mail_syntax_is_501(ready, arg):
     assert ready.cmd("MAIL " + arg).startswith("501 5.5.4 ")
 
 
-def test_3_2_mail_unknown_parameter_is_501(ready):
-    assert ready.cmd("MAIL FROM:<a@example.com> RET=FULL").startswith("501 5.5.4 ")
+def test_3_2_mail_unknown_parameter_is_555(ready):
+    """[R5321 4.1.1.11]: a parameter not recognised is 555, not a syntax error."""
+    assert ready.cmd("MAIL FROM:<a@example.com> RET=FULL") == "555 5.5.4 Unrecognized parameter"
+    assert ready.cmd("MAIL FROM:a@example.com ENVID=x") == "555 5.5.4 Unrecognized parameter"
+
+
+@pytest.mark.parametrize("arg, params", [("FROM:a@example.com", ""), ("FROM: a@example.com", ""),
+                                         ("from:a@example.com", " SIZE=10 BODY=8BITMIME"),
+                                         ("FROM:scanner", "")])
+def test_3_2_mail_without_angle_brackets(relay, arg, params):
+    """Postfix and the Go program take the first word after the colon as the address."""
+    with Talk(relay.port, ehlo="printer.lan") as t:
+        assert t.cmd("MAIL " + arg + params) == "250 2.1.0 OK"
+        assert t.cmd("RCPT TO:b@example.com") == "250 2.1.5 OK"
+        assert t.cmd("DATA").startswith("354 ")
+        assert t.cmd("Subject: x\r\n\r\nbody\r\n.").startswith("250 2.0.0 OK ")
+    (meta, _), = outbox_messages(relay.outbox)
+    assert (meta["from"], meta["to"]) == (arg.split(":")[1].strip(), ["b@example.com"])
 
 
 @pytest.mark.parametrize("params", ["SIZE=1000", "BODY=8BITMIME", "BODY=7bit", "SMTPUTF8",
@@ -198,17 +216,20 @@ def test_3_2_rcpt_without_mail_is_503(ready):
     assert ready.cmd("RCPT TO:<b@example.com>").startswith("503 5.5.1 ")
 
 
-@pytest.mark.parametrize("arg", ["TO:b@example.com", "TO:<>", "FROM:<b@example.com>", "TO:<b@example.com",
-                                 "TO:<b>"],
-                         ids=["no-brackets", "null", "wrong-keyword", "unclosed", "no-domain"])
+@pytest.mark.parametrize("arg", ["TO:", "TO:<>", "FROM:<b@example.com>", "TO:<b@example.com",
+                                 "TO:<b>", "TO:b"],
+                         ids=["no-address", "null", "wrong-keyword", "unclosed", "no-domain",
+                              "bare-no-domain"])
 def test_3_2_rcpt_syntax_is_501(ready, arg):
     ready.cmd("MAIL FROM:<a@example.com>")
     assert ready.cmd("RCPT " + arg).startswith("501 5.1.3 ")
 
 
-def test_3_2_rcpt_parameters_are_refused(ready):
+def test_3_2_rcpt_parameters_are_refused_with_555(ready):
     ready.cmd("MAIL FROM:<a@example.com>")
-    assert ready.cmd("RCPT TO:<b@example.com> NOTIFY=NEVER").startswith("501 5.5.4 ")
+    assert ready.cmd("RCPT TO:<b@example.com> NOTIFY=NEVER") == "555 5.5.4 Unrecognized parameter"
+    assert ready.cmd("RCPT TO:b@example.com ORCPT=rfc822;b@example.com").startswith("555 5.5.4 ")
+    assert ready.cmd("RCPT TO:b@example.com") == "250 2.1.5 OK"
 
 
 def test_3_2_rcpt_not_allowed_is_550(relay_factory):
