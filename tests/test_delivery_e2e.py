@@ -29,7 +29,9 @@ def send(relay, rcpts, message=MESSAGE, sender="app@example.com"):
 def split_received(content):
     """(Received header, rest) of what a downstream got."""
     assert content.startswith(b"Received: from client.test ([127.0.0.1])\r\n")
-    end = content.index(b"\r\n", content.index(b"\r\n\tfor <") + 2) + 2
+    end = content.index(b"\r\n") + 2
+    while content.startswith(b"\t", end):  # folded lines of the same header
+        end = content.index(b"\r\n", end) + 2
     return content[:end], content[end:]
 
 
