@@ -316,14 +316,18 @@ def test_2_3_log_format_json_to_logfile(relay_process):
     assert relay.stderr == ""  # everything went to the file
     lines = relay.log_text("logs.json").splitlines()
     records = [json.loads(line) for line in lines]  # every line is one JSON object
-    for record in records:
-        assert set(record) >= {"time", "level", "msg"}
-        assert re.match(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d\d:\d\d$", record["time"]), record["time"]
-    msgs = [r["msg"] for r in records]
+    for record in records:  # the key names of the Go program's (zerolog's) JSON
+        assert set(record) >= {"time", "level", "message"}
+        assert re.match(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}(Z|[+-]\d\d:\d\d)$", record["time"]), record
+    msgs = [r["message"] for r in records]
     assert "started" in msgs and msgs[-1] == "stopped"
-    delivered = [r for r in records if r["msg"] == "message"]
+    delivered = [r for r in records if r["message"] == "message"]
     assert len(delivered) == 1
-    assert delivered[0]["from"] == "a@example.com"
+    assert delivered[0]["from"] == "a@example.com" and delivered[0]["to"] == ["b@example.org"]
+    # Every line of the session carries its id and the client's port.
+    ours = [r for r in records if r.get("session") == delivered[0]["session"]]
+    assert [r["message"] for r in ours] == ["connected", "message", "disconnected"]
+    assert {r["port"] for r in ours} == {delivered[0]["port"]} and delivered[0]["port"] > 0
     assert "Hello from the test" not in "\n".join(lines)  # never a message body
 
 
