@@ -99,6 +99,7 @@ class _WatchedFile:
         self._stamp: Optional[Tuple[float, int]] = None
         self._lock = threading.Lock()
         self.table: Dict = {}
+        self._loaded = False  # the first load is start-up, not a reload
         self._refresh()
 
     def _refresh(self) -> Dict:
@@ -119,6 +120,9 @@ class _WatchedFile:
                     try:
                         with open(self.path, "r", encoding="utf-8-sig") as f:
                             self.table = self._parse(f.read().splitlines())
+                        if self._loaded:
+                            log.info("file reloaded", extra=fields(file=self.path, entries=len(self.table)))
+                        self._loaded = True
                         self._stamp = stamp
                         self._swapped()
                     except (OSError, UnicodeDecodeError) as exc:
