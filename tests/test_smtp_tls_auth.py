@@ -381,8 +381,8 @@ def test_2_4_users_file_is_reread(auth_relay, certs, users):
         assert t.cmd("AUTH PLAIN " + b64("\0dave\0pw-dave")).startswith("235 2.7.0 ")
 
 
-def test_6_auth_never_logs_the_password(auth_relay, certs, caplog):
-    caplog.set_level(logging.DEBUG, logger="smtprelay")
+def test_6_auth_never_logs_the_password(auth_relay, certs, relay_log):
+    caplog = relay_log  # every level, trace included: the dialogue is logged there
     with tls_session(auth_relay, certs) as t:
         t.cmd("AUTH PLAIN " + b64("\0alice\0" + PASSWORD))
     with tls_session(auth_relay, certs) as t:
