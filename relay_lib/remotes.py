@@ -307,6 +307,14 @@ TRUST_RECENT = 2.0  # seconds since its last use in which a pooled connection sk
 _QUIT_TIMEOUT = 2.0  # seconds to hand a QUIT to the kernel when closing
 _REPLY_TEXT_MAX = 300  # characters of a remote reply kept; a reply line stays under 512 [R5321 4.5.3.1.5]
 _ENHANCED_CODE = re.compile(r"^[245]\.\d{1,3}\.\d{1,3}$")  # [R3463 2]
+# A remote silent this long after connecting (and at most half of
+# remote_timeout) is asked for a TLS handshake: a greeting that never comes
+# is what a smtp:// or starttls:// remote that wants implicit TLS looks like.
+GREETING_PROBE = 10.0
+_MAX_REPLY_LINE = 8192  # as smtplib's _MAXLINE
+# What OpenSSL says when a "TLS" server answers in plain text (an SMTP greeting).
+_PLAIN_TEXT_ANSWERS = ("WRONG_VERSION_NUMBER", "RECORD_LAYER_FAILURE", "PACKET_LENGTH_TOO_LONG",
+                       "UNKNOWN_PROTOCOL", "HTTP_REQUEST")
 
 
 class SetupFailed(smtplib.SMTPException):
@@ -330,15 +338,160 @@ class _Stale(Exception):
     """A pooled connection turned out dead before the remote saw the message."""
 
 
-class _Conn:
-    """One open, greeted, authenticated smtplib connection."""
+class _ReplyReader:
+    """Reply lines from one socket, each whole reply within one deadline.
 
-    __slots__ = ("smtp", "pipelining", "last_used")
+    Replaces smtplib's buffered file: its timeout bounds each recv, so a remote
+    trickling a byte a second would hold the client for as long as it liked.
+    The first recv of a reply keeps the socket's own timeout (no system call
+    in the usual case); later ones get what is left of the deadline.
+    """
+
+    def __init__(self, sock: socket.socket):
+        self.sock = sock
+        self.shortened = False  # the socket's timeout was cut to fit a deadline
+        self._buf = bytearray()
+
+    def readline(self, deadline: float, limit: float) -> bytes:
+        """The next line with its LF; b"" at EOF; at most _MAX_REPLY_LINE + 1 octets.
+
+        Raises:
+            socket.timeout: the deadline passed.
+            OSError: the connection failed.
+        """
+        buf = self._buf
+        while True:
+            end = buf.find(b"\n")
+            if end >= 0 or len(buf) > _MAX_REPLY_LINE:
+                cut = end + 1 if end >= 0 else _MAX_REPLY_LINE + 1
+                line = bytes(buf[:cut])
+                del buf[:cut]
+                return line
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise socket.timeout("no complete reply within %gs" % limit)
+            if remaining < limit:
+                _recv_limit(self.sock, remaining)
+                self.shortened = True
+            try:
+                chunk = self.sock.recv(65536)
+            except (socket.timeout, BlockingIOError):  # BlockingIOError: SO_RCVTIMEO expired
+                raise socket.timeout("no complete reply within %gs" % limit) from None
+            if not chunk:
+                return b""
+            buf += chunk
+
+    def close(self) -> None:
+        self._buf.clear()
+
+
+def _recv_limit(sock: socket.socket, seconds: float) -> None:
+    if sock.gettimeout() is None:  # kernel timeouts, see _use_kernel_timeouts
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(seconds))
+    else:
+        sock.settimeout(seconds)
+
+
+class _WholeReplies:
+    """smtplib with getreply() bounded as a whole by the timeout (SPEC 5.3)."""
+
+    def getreply(self):
+        if self.sock is None:
+            raise smtplib.SMTPServerDisconnected("not connected")
+        if not isinstance(self.file, _ReplyReader) or self.file.sock is not self.sock:
+            self.file = _ReplyReader(self.sock)  # a new one after STARTTLS: no plaintext carried over
+        deadline = time.monotonic() + self.timeout
+        lines = []
+        try:
+            while True:
+                line = self.file.readline(deadline, self.timeout)
+                if not line:
+                    raise smtplib.SMTPServerDisconnected("Connection unexpectedly closed")
+                if len(line) > _MAX_REPLY_LINE:
+                    raise smtplib.SMTPResponseException(500, "Line too long.")
+                lines.append(line[4:].strip(b" \t\r\n"))
+                if not line[:3].isdigit():
+                    code = -1
+                    break
+                code = int(line[:3])
+                if line[3:4] != b"-":
+                    break
+        except OSError as exc:
+            self.close()
+            if isinstance(exc, smtplib.SMTPException):
+                raise
+            raise smtplib.SMTPServerDisconnected("Connection unexpectedly closed: %s" % exc) from None
+        finally:
+            if self.sock is not None and self.file.shortened:
+                _recv_limit(self.sock, self.timeout)  # for the next reply's first recv
+                self.file.shortened = False
+        return code, b"\n".join(lines)
+
+
+class _Client(_WholeReplies, smtplib.SMTP):
+    """smtp:// and starttls:// remotes."""
+
+    def _get_socket(self, host, port, timeout):
+        sock = super()._get_socket(host, port, timeout)
+        try:
+            _await_greeting(sock, timeout, host, port)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+
+class _ClientTLS(_WholeReplies, smtplib.SMTP_SSL):
+    """tls:// and smtps:// remotes."""
+
+    def _get_socket(self, host, port, timeout):
+        try:
+            return super()._get_socket(host, port, timeout)
+        except ssl.SSLError as exc:
+            if getattr(exc, "reason", None) in _PLAIN_TEXT_ANSWERS:
+                raise SetupFailed("%s:%d answered in plain text, not TLS: it expects STARTTLS "
+                                  "(use starttls:// or smtp://)" % (host, port)) from None
+            raise
+
+
+def _await_greeting(sock: socket.socket, timeout: float, host: str, port: int) -> None:
+    """Wait for the greeting's first byte; when none comes, tell a remote that
+    wants implicit TLS apart by offering it a handshake (see GREETING_PROBE).
+
+    Raises:
+        SetupFailed: no greeting (the remote wants TLS at once, or is mute).
+    """
+    wait = min(GREETING_PROBE, timeout / 2)
+    readable, _, _ = select.select([sock], [], [], wait)
+    if readable:
+        return
+    probe = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    probe.check_hostname = False
+    probe.verify_mode = ssl.CERT_NONE
+    try:
+        with probe.wrap_socket(sock.dup(), do_handshake_on_connect=False) as tls:
+            tls.settimeout(timeout - wait)
+            tls.do_handshake()
+    except (ssl.SSLError, OSError):
+        raise SetupFailed("%s:%d sent no greeting within %gs" % (host, port, wait)) from None
+    raise SetupFailed("%s:%d sent no greeting but answered a TLS handshake: it expects implicit "
+                      "TLS (use tls:// or smtps://)" % (host, port))
+
+
+class _Conn:
+    """One open, greeted, authenticated smtplib connection.
+
+    `in_step` is False while the remote may still owe replies or wait for
+    a body; only a connection in step is closed with QUIT.
+    """
+
+    __slots__ = ("smtp", "pipelining", "last_used", "in_step")
 
     def __init__(self, smtp: smtplib.SMTP):
         self.smtp = smtp
         self.pipelining = smtp.has_extn("pipelining")
         self.last_used = time.monotonic()
+        self.in_step = True
 
     def looks_alive(self) -> bool:
         """True unless the socket is readable, which means EOF or an unsolicited reply."""
@@ -352,19 +505,23 @@ class _Conn:
         return not readable
 
     def close(self, polite: bool = False) -> None:
-        """Close; `polite` sends QUIT first without waiting for its reply.
+        _close(self.smtp, polite)
 
-        Waiting for 221 would cost a round trip while a client waits for its
-        own reply, and the answer changes nothing [R5321 4.1.1.10].
-        """
-        try:
-            if polite and self.smtp.sock is not None:
-                self.smtp.sock.settimeout(_QUIT_TIMEOUT)
-                self.smtp.sock.sendall(b"QUIT\r\n")
-        except OSError:
-            pass  # the remote went away first; closing below is all that is left
-        finally:
-            self.smtp.close()
+
+def _close(smtp: smtplib.SMTP, polite: bool) -> None:
+    """Close; `polite` sends QUIT first without waiting for its reply.
+
+    Waiting for 221 would cost a round trip while a client waits for its
+    own reply, and the answer changes nothing [R5321 4.1.1.10].
+    """
+    try:
+        if polite and smtp.sock is not None:
+            smtp.sock.settimeout(_QUIT_TIMEOUT)
+            smtp.sock.sendall(b"QUIT\r\n")
+    except OSError:
+        pass  # the remote went away first; closing below is all that is left
+    finally:
+        smtp.close()
 
 
 class Dispatcher:
@@ -444,7 +601,7 @@ class Dispatcher:
                 if refused:
                     refused.clear()
             except BaseException:
-                conn.close()
+                conn.close(polite=conn.in_step)
                 raise
             else:
                 self._checkin(remote, conn)
@@ -459,7 +616,7 @@ class Dispatcher:
         try:
             reply = _transaction(conn, sender, rcpts, message, reused=False, refused=refused)
         except BaseException:
-            conn.close()
+            conn.close(polite=conn.in_step)
             raise
         self._checkin(remote, conn)
         return reply
@@ -541,11 +698,11 @@ class Dispatcher:
         steps.append("TLS connect" if remote.implicit_tls else "connect")
         try:
             if remote.implicit_tls:
-                smtp = smtplib.SMTP_SSL(remote.host, remote.port, local_hostname=self.hostname,
-                                        timeout=self.timeout, context=context)
+                smtp = _ClientTLS(remote.host, remote.port, local_hostname=self.hostname,
+                                  timeout=self.timeout, context=context)
             else:
-                smtp = smtplib.SMTP(remote.host, remote.port, local_hostname=self.hostname,
-                                    timeout=self.timeout)
+                smtp = _Client(remote.host, remote.port, local_hostname=self.hostname,
+                               timeout=self.timeout)
         except smtplib.SMTPConnectError as exc:
             # A refused greeting (554 no service, a blocklisted relay IP) is a
             # refused connection: 451, never a bounce of every message (SPEC 4.1).
@@ -584,8 +741,9 @@ class Dispatcher:
                     raise SetupFailed(text)
                 finally:
                     smtp.password = ""  # not needed again on this connection
-        except BaseException:
-            smtp.close()
+        except BaseException as exc:
+            # A refusal before MAIL leaves the remote waiting for a command: say goodbye.
+            _close(smtp, polite=isinstance(exc, SetupFailed))
             raise
         if KERNEL_TIMEOUTS and not isinstance(smtp.sock, ssl.SSLSocket):
             _use_kernel_timeouts(smtp.sock, self.timeout)
@@ -668,12 +826,16 @@ def _auth_xoauth2(smtp: smtplib.SMTP, user: str, token) -> None:
 def _use_kernel_timeouts(sock: socket.socket, seconds: float) -> None:
     """Bound each send and recv by the kernel instead of a poll() before each
     (see wire.KERNEL_TIMEOUTS); an expired wait ends the connection."""
-    whole = int(seconds)
-    micro = max(int((seconds - whole) * 1e6), 0 if whole else 1)  # a zero timeval waits forever
-    timeval = struct.pack("@ll", whole, micro)
+    timeval = _timeval(seconds)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
     sock.settimeout(None)
+
+
+def _timeval(seconds: float) -> bytes:
+    whole = int(seconds)
+    micro = max(int((seconds - whole) * 1e6), 0 if whole else 1)  # a zero timeval waits forever
+    return struct.pack("@ll", whole, micro)
 
 
 def _hello(smtp: smtplib.SMTP) -> None:
@@ -746,12 +908,13 @@ def _transaction(conn: _Conn, sender: str, rcpts: List[str], message: bytes, reu
     steps = [("MAIL", b"MAIL FROM:" + _address(sender) + b"".join(options) + b"\r\n", sender)]
     steps.extend(("RCPT", b"RCPT TO:" + _address(r) + b"\r\n", r) for r in rcpts)
     steps.append(("DATA", b"DATA\r\n", None))
+    conn.in_step = False
     # No RSET on a reused connection: only connections whose last transaction
     # ended in 2xx go back to the pool, and that leaves no state [R5321 4.1.4].
     # A connection found dead at MAIL was never given the message: retry it.
     if conn.pipelining:
         _write(smtp, b"".join(cmd for _, cmd, _ in steps), stale_ok=reused)
-    for verb, cmd, arg in steps:
+    for index, (verb, cmd, arg) in enumerate(steps):
         first = verb == "MAIL"
         if not conn.pipelining:
             _write(smtp, cmd, stale_ok=reused and first)
@@ -760,26 +923,55 @@ def _transaction(conn: _Conn, sender: str, rcpts: List[str], message: bytes, reu
             # The remote is closing this old connection (idle limit, messages
             # per connection); no body was sent, so a fresh one may try again.
             raise _Stale("%s answered 421" % verb)
-        if verb == "MAIL" and code != 250:
-            raise smtplib.SMTPSenderRefused(code, text, arg)
-        elif verb == "RCPT" and code not in (250, 251):
-            if refused is None:
-                raise smtplib.SMTPRecipientsRefused({arg: (code, text)})
-            refused[arg] = (code, text)
-        elif verb == "DATA" and refused and len(refused) == len(rcpts):
-            raise smtplib.SMTPRecipientsRefused(dict(refused))
-        elif verb == "DATA" and code != 354:
-            raise smtplib.SMTPDataError(code, text)
+        refusal = _refusal(verb, code, text, arg, refused, len(rcpts))
+        if refusal is not None:
+            owed = len(steps) - index - 1 if conn.pipelining else 0
+            conn.in_step = _settle(smtp, owed, code)
+            raise refusal
     if message.startswith(b".") or b"\n." in message:
         message = _DOT_LINE.sub(b"..", message)
     if not message.endswith(b"\r\n"):
         message += b"\r\n"
     _write(smtp, message + b".\r\n", stale_ok=False)
     code, text = _read(smtp, stale_ok=False)
+    conn.in_step = True
     if not 200 <= code <= 299:
         raise smtplib.SMTPDataError(code, text)
     conn.last_used = time.monotonic()
     return "%d %s" % (code, reply_text(text))
+
+
+def _refusal(verb: str, code: int, text: bytes, arg: Optional[str], refused: Optional[dict],
+             total: int) -> Optional[smtplib.SMTPException]:
+    """The exception for a refused MAIL, RCPT or DATA, or None to go on.
+
+    With a `refused` dict a refused recipient is recorded there instead,
+    and only DATA after every recipient was refused fails (Dispatcher.send).
+    """
+    if verb == "MAIL" and code != 250:
+        return smtplib.SMTPSenderRefused(code, text, arg)
+    if verb == "RCPT" and code not in (250, 251):
+        if refused is None:
+            return smtplib.SMTPRecipientsRefused({arg: (code, text)})
+        refused[arg] = (code, text)
+    elif verb == "DATA" and refused and len(refused) == total:
+        return smtplib.SMTPRecipientsRefused(dict(refused))
+    elif verb == "DATA" and code != 354:
+        return smtplib.SMTPDataError(code, text)
+    return None
+
+
+def _settle(smtp: smtplib.SMTP, owed: int, code: int) -> bool:
+    """After a refusal answered with `code`, read the `owed` replies to
+    commands pipelined after it; True when the remote is back waiting for a
+    command. When DATA was accepted (354) it waits for a body instead, which
+    must never be sent: the only way out is to drop the connection."""
+    try:
+        for _ in range(owed):
+            code, _ = smtp.getreply()
+    except OSError:
+        return False
+    return code != 354
 
 
 def _write(smtp: smtplib.SMTP, data: bytes, stale_ok: bool) -> None:
