@@ -24,6 +24,8 @@ from typing import Any, Dict, NamedTuple, Optional
 from .remotes import is_loopback
 
 ACCEPT, REPLACE, REJECT, DISCARD, TEMPFAIL = "accept", "replace", "reject", "discard", "tempfail"
+DEFER = "defer"  # a synonym of tempfail
+ACTIONS = (ACCEPT, REPLACE, REJECT, DISCARD, TEMPFAIL, DEFER)  # what a scanner may answer
 DEFAULT_REJECT_CODE = 550  # SPEC 4.2: a code outside 500-599 becomes 550
 DEFAULT_REJECT_REASON = "Message rejected"
 REASON_MAX = 300  # keeps the reply line under 512 octets [R5321 4.5.3.1.5]
@@ -108,8 +110,10 @@ def parse_answer(data: bytes) -> Verdict:
     if not isinstance(obj, dict):
         return Verdict(TEMPFAIL, reason="answer is not a JSON object")
     action = obj.get("action")
-    if action == ACCEPT:
+    if action in (ACCEPT, REPLACE):
         if obj.get("message") is None:
+            if action == REPLACE:
+                return Verdict(TEMPFAIL, reason="replace without a message")
             return Verdict(ACCEPT)
         message = _decode_message(obj["message"])
         if message is None:
@@ -126,10 +130,11 @@ def parse_answer(data: bytes) -> Verdict:
         return Verdict(REJECT, code=code, enhanced=enhanced, reason=reason)
     if action == DISCARD:
         return Verdict(DISCARD)
-    if action == TEMPFAIL:
+    if action in (TEMPFAIL, DEFER):
         reason = obj.get("reason")
         return Verdict(TEMPFAIL, reason="scanner: %s" % reason if isinstance(reason, str) else "scanner")
-    return Verdict(TEMPFAIL, reason="unknown action %r" % (action,))
+    return Verdict(TEMPFAIL, reason="unknown action %s (valid: %s)" % (
+        json.dumps(action)[:40], ", ".join(ACTIONS)))
 
 
 def _reject_code(value) -> int:

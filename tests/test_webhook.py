@@ -3,11 +3,16 @@
 import base64
 import hashlib
 import hmac
+import os
+import re
+import smtplib
+import subprocess
+import sys
 import time
 
 import pytest
 
-from conftest import Trickle, free_port
+from conftest import ROOT, Trickle, accepts_connections, free_port, outbox_messages, wait_until
 from relay_lib.delivery import Delivery, received_header
 from delivery_kit import BODY, envelope, settings_for
 
@@ -95,6 +100,31 @@ def test_4_2_accept_with_message_replaces_it(tmp_path, sink, webhook):
     assert reply.code == 250
     # Forwarded with CRLF line ends whatever the scanner wrote (SPEC 3.3).
     assert sink.box[0].content == replaced.replace(b"\n", b"\r\n")
+
+
+def test_4_2_replace_is_a_synonym_of_accept_with_message(tmp_path, sink, webhook):
+    replaced = b"X-Disclaimer: yes\r\nSubject: test\r\n\r\nbody\r\n"
+    webhook.script = lambda request: (
+        200, {"action": "replace", "message": base64.b64encode(replaced).decode()}, 0)
+    reply, _, _ = run(tmp_path, sink, webhook.url)
+    assert reply.code == 250
+    assert sink.box[0].content == replaced
+
+
+@pytest.mark.parametrize("answer,reason", [
+    ({"action": "defer", "reason": "busy"}, "scanner: busy"),
+    ({"action": "replace"}, "replace without a message"),
+    ({"action": "deliver"}, 'unknown action "deliver" (valid: accept, replace, reject, discard, tempfail, '
+                            'defer)'),
+], ids=["defer", "replace-without-message", "unknown-action"])
+def test_4_2_defer_and_malformed_answers_are_451_with_the_reason_logged(tmp_path, sink, webhook, relay_log,
+                                                                         answer, reason):
+    webhook.script = lambda request: (200, answer, 0)
+    reply, _, _ = run(tmp_path, sink, webhook.url)
+    assert str(reply) == SCAN_UNAVAILABLE
+    assert sink.box == []
+    warned = [r.fields["reason"] for r in relay_log.records if r.getMessage() == "webhook failed"]
+    assert warned == [reason]
 
 
 def test_4_2_reject_uses_code_and_reason(tmp_path, sink, webhook):
@@ -196,3 +226,47 @@ def test_4_2_https_webhook_verified_against_the_trust_store(tmp_path, sink, http
     reply, _, _ = run(tmp_path, sink, https_webhook.url)
     assert reply.code == 250
     assert len(https_webhook.requests) == 1 and len(sink.box) == 1
+
+
+# -- the example scanner of the README, run for real -------------------------------
+
+@pytest.fixture
+def readme_scanner(tmp_path):
+    """The README's example scanner.py, started as a process with a secret."""
+    readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    (code,) = re.findall(r"```python\n(# scanner\.py.*?)```", readme, re.S)
+    script = tmp_path / "scanner.py"
+    script.write_text(code, encoding="utf-8")
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            env=dict(os.environ, SCAN_SECRET="s3cret", SCAN_PORT=str(port)))
+    try:
+        assert wait_until(lambda: proc.poll() is not None or accepts_connections(port)), "scanner did not start"
+        assert proc.poll() is None, proc.stderr.read()
+        yield "http://127.0.0.1:%d/scan" % port
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=10)
+
+
+def test_4_2_readme_example_scanner_through_the_relay(relay_factory, readme_scanner):
+    relay = relay_factory(webhook_url=readme_scanner, webhook_secret="s3cret")
+    with smtplib.SMTP(relay.host, relay.port, timeout=10) as client:
+        client.sendmail("app@example.com", ["b@example.org"], b"Subject: clean\r\n\r\nhello\r\n")
+        with pytest.raises(smtplib.SMTPDataError) as refused:
+            client.sendmail("app@example.com", ["b@example.org"],
+                            b"Subject: eicar\r\n\r\nX5O EICAR-STANDARD-ANTIVIRUS-TEST-FILE!\r\n")
+    assert (refused.value.smtp_code, refused.value.smtp_error) == (554, b"5.7.1 Virus found")
+    (meta, message), = outbox_messages(relay.outbox)
+    assert message.startswith(b"X-Scanned: clean\r\nReceived: from ")
+    assert message.endswith(b"Subject: clean\r\n\r\nhello\r\n")
+
+
+def test_4_2_readme_example_scanner_refuses_a_wrong_signature(relay_factory, readme_scanner):
+    relay = relay_factory(webhook_url=readme_scanner, webhook_secret="not-the-secret")
+    with smtplib.SMTP(relay.host, relay.port, timeout=10) as client:
+        with pytest.raises(smtplib.SMTPDataError) as deferred:
+            client.sendmail("app@example.com", ["b@example.org"], b"Subject: x\r\n\r\nhello\r\n")
+    assert (deferred.value.smtp_code, deferred.value.smtp_error) == (
+        451, b"4.3.0 Message scan unavailable, try again later")
+    assert outbox_messages(relay.outbox) == []
