@@ -459,7 +459,8 @@ def _await_greeting(sock: socket.socket, timeout: float, host: str, port: int) -
     wants implicit TLS apart by offering it a handshake (see GREETING_PROBE).
 
     Raises:
-        SetupFailed: no greeting (the remote wants TLS at once, or is mute).
+        SetupFailed: no greeting: the remote wants TLS at once, answered the
+            probe in plain text, or stayed mute for the whole timeout.
     """
     wait = min(GREETING_PROBE, timeout / 2)
     readable, _, _ = select.select([sock], [], [], wait)
@@ -472,6 +473,8 @@ def _await_greeting(sock: socket.socket, timeout: float, host: str, port: int) -
         with probe.wrap_socket(sock.dup(), do_handshake_on_connect=False) as tls:
             tls.settimeout(timeout - wait)
             tls.do_handshake()
+    except socket.timeout:
+        raise SetupFailed("%s:%d sent no greeting: timed out after %gs" % (host, port, timeout)) from None
     except (ssl.SSLError, OSError):
         raise SetupFailed("%s:%d sent no greeting within %gs" % (host, port, wait)) from None
     raise SetupFailed("%s:%d sent no greeting but answered a TLS handshake: it expects implicit "
