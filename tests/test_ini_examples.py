@@ -37,9 +37,11 @@ def test_2_ini_has_examples_for_every_option():
 
 
 # AUTH is offered only under TLS: the users file needs a TLS listener; a
-# certificate needs its key.
+# certificate needs its key; an xoauth2 remote needs a token endpoint.
 COMPANIONS = {"allowed_users": {"listen": "starttls://127.0.0.1:2525"},
               "local_cert": {"local_key": "smtpd.key"}, "local_key": {"local_cert": "smtpd.pem"}}
+OAUTH = {"oauth_token_url": "https://login.microsoftonline.com/tenant/oauth2/v2.0/token",
+         "oauth_client_id": "app-id", "oauth_client_secret": "secret-value"}
 
 
 @pytest.mark.parametrize("number,name,value", examples(), ids=lambda v: str(v))
@@ -47,6 +49,8 @@ def test_2_ini_example_line_passes_check(tmp_path, certs, capsys, number, name, 
     with open(INI, encoding="utf-8") as f:
         lines = f.read().splitlines()
     extra = dict(COMPANIONS.get(name, {}), **{name: value})
+    if "auth=xoauth2" in value:
+        extra.update(OAUTH)
     if "tls://" in extra.get("listen", "") or "starttls://" in extra.get("listen", ""):
         extra.update(local_cert="smtpd.pem", local_key="smtpd.key")
     kept = [line for i, line in enumerate(lines)

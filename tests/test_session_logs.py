@@ -71,14 +71,14 @@ def test_6_users_and_aliases_reload_is_logged(tmp_path, relay_log):
     users = write_users(tmp_path / "users", {"alice": (PASSWORD, None)})
     aliases = tmp_path / "aliases"
     aliases.write_text("a@example.org b@example.org\n")
-    table, alias_table = policy.Users(users), policy.Aliases(str(aliases))
+    table, alias_table = policy.Users(users, cache_ttl=0, wait=5), policy.Aliases(str(aliases))
     assert not [r for r in relay_log.records if r.getMessage() == "file reloaded"]  # start-up is no reload
     write_users(tmp_path / "users", {"alice": (PASSWORD, None), "bob": (PASSWORD, None)})
     aliases.write_text("a@example.org c@example.org\nx@example.org y@example.org\n")
     later = time.time() + 5  # a new mtime even on coarse file systems
     for path in (users, str(aliases)):
         os.utime(path, (later, later))
-    assert table.authenticate("bob", PASSWORD) == "bob"
+    assert table.authenticate("bob", PASSWORD, "127.0.0.1") == "bob"
     assert alias_table.resolve("a@example.org") == "c@example.org"
     reloads = [r.fields for r in relay_log.records if r.getMessage() == "file reloaded"]
     assert reloads == [{"file": users, "entries": 2}, {"file": str(aliases), "entries": 2}]
