@@ -311,6 +311,9 @@ _ENHANCED_CODE = re.compile(r"^[245]\.\d{1,3}\.\d{1,3}$")  # [R3463 2]
 # remote_timeout) is asked for a TLS handshake: a greeting that never comes
 # is what a smtp:// or starttls:// remote that wants implicit TLS looks like.
 GREETING_PROBE = 10.0
+# Port 25 servers may delay their greeting on purpose (Postfix postscreen,
+# tarpits) and block a client that speaks first: never probe there.
+NO_GREETING_PROBE_PORTS = (25,)
 _MAX_REPLY_LINE = 8192  # as smtplib's _MAXLINE
 # What OpenSSL says when a "TLS" server answers in plain text (an SMTP greeting).
 _PLAIN_TEXT_ANSWERS = ("WRONG_VERSION_NUMBER", "RECORD_LAYER_FAILURE", "PACKET_LENGTH_TOO_LONG",
@@ -433,6 +436,8 @@ class _Client(_WholeReplies, smtplib.SMTP):
 
     def _get_socket(self, host, port, timeout):
         sock = super()._get_socket(host, port, timeout)
+        if port in NO_GREETING_PROBE_PORTS:
+            return sock
         try:
             _await_greeting(sock, timeout, host, port)
         except BaseException:

@@ -12,19 +12,23 @@ class ScriptedSMTP:
 
     `replies` maps a verb to its reply line (bytes) instead of the default
     success; `tls` (a server SSLContext) makes it an implicit-TLS server;
-    `greet=False` never greets; `trickle` sends each reply one byte every
-    `trickle` seconds.
+    `greet=False` never greets; `greet_delay` greets that late and keeps in
+    `pregreet` what the client sent before; `trickle` sends each reply one
+    byte every `trickle` seconds; `port` is the port to listen on (0: any).
     """
 
-    def __init__(self, replies=None, pipelining=False, tls=None, greet=True, trickle=0.0):
+    def __init__(self, replies=None, pipelining=False, tls=None, greet=True, trickle=0.0,
+                 greet_delay=0.0, port=0):
         self.replies = dict(replies or {})
         self.pipelining = pipelining
         self.tls = tls
         self.greet = greet
         self.trickle = trickle
+        self.greet_delay = greet_delay
+        self.pregreet = b""
         self.lines = []
         self.closed = threading.Event()  # set when a connection has ended
-        self._sock = socket.create_server(("127.0.0.1", 0))
+        self._sock = socket.create_server(("127.0.0.1", port))
         self._sock.settimeout(0.1)
         self.port = self._sock.getsockname()[1]
         self._stop = threading.Event()
@@ -70,6 +74,13 @@ class ScriptedSMTP:
             while conn.recv(4096):
                 pass
             return
+        if self.greet_delay:
+            conn.settimeout(self.greet_delay)
+            try:
+                self.pregreet = conn.recv(4096)
+            except socket.timeout:
+                pass
+            conn.settimeout(5)
         self._send(conn, b"220 scripted.test ESMTP\r\n")
         reader = conn.makefile("rb")
         data_mode = False

@@ -106,6 +106,18 @@ def test_5_3_remote_that_never_greets_times_out_after_remote_timeout(tmp_path, s
     assert "sent no greeting: timed out after 1s" in error
 
 
+def test_5_3_port_25_remote_that_greets_late_is_never_spoken_to_first(tmp_path, scripted):
+    """Postfix postscreen delays its greeting and blocks a client that speaks
+    first: on port 25 the relay waits the whole remote_timeout for it."""
+    try:
+        remote = scripted(greet_delay=1.5, port=25)
+    except OSError as exc:
+        pytest.skip("cannot listen on 127.0.0.1:25 here: %s" % exc)
+    reply, _ = deliver_once(tmp_path, remotes=remote.url(), remote_timeout="2s")
+    assert reply.code == 250
+    assert remote.pregreet == b""
+
+
 # -- remote_timeout bounds each whole reply ---------------------------------------
 
 def test_5_3_remote_trickling_its_reply_times_out_after_remote_timeout(tmp_path, scripted, relay_log):
