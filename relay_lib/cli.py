@@ -2,16 +2,18 @@
 run loop with signal handling (SPEC 2.1, 6).
 
 Owns the process boundary: ConfigError becomes one line and exit 2 here and
-nowhere else.
+nowhere else; a listen failure one line and exit 1.
 """
 
+import errno
 import getpass
+import os
 import signal
 import sys
 import threading
 from typing import Dict, List, Optional, Tuple
 
-from . import __version__
+from . import __version__, build, policy, sources
 from .config import OPTION_NAMES, ConfigError, describe, load, parse_bool
 from .logs import fields, log, setup_logging
 
@@ -22,6 +24,16 @@ USAGE = """usage: smtprelay [-config FILE | FILE] [-check] [-version] [-hash-pas
                  [-option value | --option=value ...]
 Options are those of the config file (see smtprelay.ini); flags override the
 environment (SMTPRELAY_<OPTION>), which overrides the file."""
+NO_CONFIG = """smtprelay: no config file: name one (smtprelay FILE or -config FILE), set
+SMTPRELAY_CONFIG, or put smtprelay.ini beside the program (%s)."""
+# What to do about a listen address that cannot be bound (SPEC 6). Windows
+# reports the WSAE* codes, which errno also names there.
+_LISTEN_HINTS = (
+    (("EACCES", "WSAEACCES"), "permission denied (ports below 1024 need root or CAP_NET_BIND_SERVICE, "
+                              "or use a port above 1023)"),
+    (("EADDRINUSE", "WSAEADDRINUSE"), "already in use (another program listens there)"),
+    (("EADDRNOTAVAIL", "WSAEADDRNOTAVAIL"), "cannot assign (no interface has this address)"),
+)
 
 
 def parse_args(argv: List[str]) -> Tuple[Optional[str], Dict[str, str], Dict[str, str]]:
@@ -44,7 +56,12 @@ def parse_args(argv: List[str]) -> Tuple[Optional[str], Dict[str, str], Dict[str
         name, has_value, value = arg.lstrip("-").partition("=")
         key = name.replace("-", "_")
         if key in ACTIONS:
-            actions[key] = ""
+            try:
+                wanted = parse_bool(value) if has_value else True  # -check=false, as Go's flag package
+            except ValueError as exc:
+                raise ConfigError(name, str(exc)) from None
+            if wanted:
+                actions[key] = ""
         elif key == "delete":
             if not has_value:
                 if not args:
@@ -83,7 +100,14 @@ def hash_password() -> int:
             print("smtprelay: the passwords differ", file=sys.stderr)
             return 1
     else:
-        password = sys.stdin.readline().rstrip("\r\n")
+        password = sys.stdin.readline()
+        for ending in ("\r\n", "\n", "\r"):  # one line end: the one echo or a here-string adds
+            if password.endswith(ending):
+                password = password[:-len(ending)]
+                break
+    if password != password.strip():
+        print("smtprelay: warning: the password begins or ends with white space, which is part of it",
+              file=sys.stderr)
     if not password:
         print("smtprelay: empty password", file=sys.stderr)
         return 1
@@ -119,42 +143,84 @@ def test_remotes(settings) -> int:
     return 1 if failed else 0
 
 
-def _install_signal_handlers(stop: threading.Event) -> None:
+def _install_signal_handlers(stop: threading.Event, received: List[str]) -> None:
     def handler(signum, frame):
+        received.append(signal.Signals(signum).name)
         stop.set()
 
-    for name in ("SIGINT", "SIGTERM", "SIGBREAK"):  # SIGBREAK: Ctrl+Break on Windows
+    def hangup(signum, frame):
+        log.info("SIGHUP ignored (the users and aliases files reload by themselves)")
+
+    # SIGBREAK: Ctrl+Break on Windows; SIGQUIT stops gracefully as in the Go program.
+    for name in ("SIGINT", "SIGTERM", "SIGQUIT", "SIGBREAK"):
         if hasattr(signal, name):
             signal.signal(getattr(signal, name), handler)
+    if hasattr(signal, "SIGHUP"):  # closing the terminal must not stop the relay
+        signal.signal(signal.SIGHUP, hangup)
+
+
+def listen_failure(exc: OSError) -> str:
+    """The one line for a listen address that cannot be bound (SPEC 6)."""
+    reason = exc.strerror or str(exc)
+    for names, hint in _LISTEN_HINTS:
+        if exc.errno in [getattr(errno, n) for n in names if hasattr(errno, n)]:
+            reason = hint
+    return "smtprelay: listen: %s: %s" % (getattr(exc, "address", "?"), reason)
+
+
+def _log_warnings(settings) -> None:
+    """The configuration's warnings, once, at start-up and in -check."""
+    for text in settings.warnings:
+        log.warning("%s", text)
 
 
 def run(settings) -> int:
-    """Serve until SIGTERM or SIGINT, then shut down gracefully (SPEC 6)."""
-    from .server import Relay
+    """Serve until SIGTERM, SIGINT or SIGQUIT, then shut down gracefully (SPEC 6)."""
+    from .server import ListenError, Relay
 
     try:
         setup_logging(settings.logfile, settings.log_format, settings.log_level)
     except OSError as exc:
         raise ConfigError("logfile", "cannot open %s: %s" % (settings.logfile, exc.strerror or exc)) from None
-    if not settings.remotes and not settings.command:
-        log.warning("no remotes and no command configured: every message will be refused with 554")
+    _log_warnings(settings)
     stop = threading.Event()
-    _install_signal_handlers(stop)
+    received: List[str] = []
+    _install_signal_handlers(stop, received)
     relay = Relay(settings)
     try:
         relay.start()
-    except OSError as exc:
-        log.error("cannot listen", extra=fields(error=exc.strerror or str(exc)))
-        print("smtprelay: listen: %s" % (exc.strerror or exc), file=sys.stderr)
+    except ListenError as exc:
+        line = listen_failure(exc)
+        if settings.logfile:  # on stderr the line below says it once
+            log.error("cannot listen", extra=fields(error=line))
+        print(line, file=sys.stderr)
         relay.stop()
         return 1
-    log.info("started", extra=fields(version=__version__))
+    log.info("started", extra=fields(version=__version__, commit=build.commit()[:12]))
     # A timed wait keeps the main thread responsive to signals on Windows.
     while not stop.wait(0.5):
         pass
-    log.info("shutting down")
+    log.info("shutting down", extra=fields(signal=received[0] if received else "?"))
     relay.stop()
     log.info("stopped")
+    return 0
+
+
+def check(settings) -> int:
+    """-check: the effective settings on stdout, the warnings a start would log
+    on stderr, then `configuration OK` (SPEC 6)."""
+    from .server import make_server_context
+
+    make_server_context(settings)  # a tls_profile this OpenSSL cannot do fails here too
+    setup_logging(None, settings.log_format, "warn")
+    _log_warnings(settings)
+    # The tables log each malformed line as they load, as the relay's do at start.
+    if settings.allowed_users:
+        policy.Users(settings.allowed_users)
+    if settings.aliases_file:
+        policy.Aliases(settings.aliases_file)
+    print("\n".join(describe(settings)))
+    print("configuration OK")
     return 0
 
 
@@ -169,11 +235,16 @@ def main(argv: List[str]) -> int:
             print(USAGE)
             return 0
         if "version" in actions:
-            print("smtprelay/%s" % __version__)
+            print(build.version_line())
             return 0
         if "hash_password" in actions:
             return hash_password()
-        settings = load(config_path, flags)
+        source = sources.find(config_path, os.environ)
+        if source is None:
+            print(NO_CONFIG % sources.program_dir(), file=sys.stderr)
+            print(USAGE, file=sys.stderr)
+            return 2
+        settings = load(source.path, flags, dotenv=source.dotenv)
         if "test_remotes" in actions:
             return test_remotes(settings)
         if actions.keys() & {"queue", "flush", "delete"}:
@@ -189,11 +260,7 @@ def main(argv: List[str]) -> int:
             print(text, file=sys.stderr if status else sys.stdout)
             return status
         if "check" in actions:
-            from .server import make_server_context
-
-            make_server_context(settings)  # a tls_profile this OpenSSL cannot do fails here too
-            print("\n".join(describe(settings)))
-            return 0
+            return check(settings)
         return run(settings)
     except ConfigError as exc:
         print("smtprelay: %s" % exc, file=sys.stderr)

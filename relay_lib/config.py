@@ -15,11 +15,16 @@ from dataclasses import dataclass, field, fields as dataclass_fields, replace
 from types import MappingProxyType
 from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Pattern, Tuple
 
+from . import goregex, sources
 from .logs import FORMATS, LEVELS, mask_url
 from .oauth import DEFAULT_SCOPE, check_token_url
 from .remotes import Remote, parse_remote
 
 ENV_PREFIX = "SMTPRELAY_"
+# SMTPRELAY_* variables that are no option: the config file, the ones the
+# relay gives `command`, and the test suite's.
+ENV_NOT_OPTIONS = (sources.CONFIG_VARIABLE, "SMTPRELAY_FROM", "SMTPRELAY_TO", "SMTPRELAY_PEER", "SMTPRELAY_ID")
+ENV_TEST_PREFIX = "SMTPRELAY_TEST_"
 TLS_PROFILES = ("default", "modern", "intermediate", "legacy")
 LISTEN_SCHEMES = {"": "plain", "tls://": "tls", "starttls://": "starttls"}
 
@@ -89,7 +94,9 @@ def parse_bool(text: str) -> bool:
     raise ValueError("%r is not a boolean (use true or false)" % text)
 
 
-def _integer(minimum: int, allow_unlimited: bool = False) -> Callable[[str], int]:
+def _integer(minimum: int, allow_unlimited: bool = False, zero: Optional[int] = None) -> Callable[[str], int]:
+    """A whole number of at least `minimum`; with `zero`, 0 means that value
+    (the Go program's server library reads 0 as its default)."""
     def parse(text: str) -> int:
         try:
             value = int(text.strip())
@@ -97,6 +104,8 @@ def _integer(minimum: int, allow_unlimited: bool = False) -> Callable[[str], int
             raise ValueError("%r is not a whole number" % text) from None
         if allow_unlimited and value == -1:
             return value
+        if zero is not None and value == 0:
+            return zero
         if value < minimum:
             raise ValueError("%d is below the minimum %d%s" % (value, minimum, " (or -1 for unlimited)" if allow_unlimited else ""))
         return value
@@ -126,12 +135,10 @@ def parse_nets(text: str) -> tuple:
 
 
 def parse_regex(text: str) -> Optional[Pattern]:
+    """A Go (RE2) regex, compiled as the Python pattern with the same meaning."""
     if not text:
         return None
-    try:
-        return re.compile(text)
-    except re.error as exc:
-        raise ValueError("%r is not a valid regex: %s" % (text, exc)) from None
+    return re.compile(goregex.translate(text)[0])
 
 
 def parse_listen(text: str) -> Tuple[Listener, ...]:
@@ -187,17 +194,70 @@ def _optional(text: str) -> Optional[str]:
     return text or None
 
 
-def parse_command(text: str) -> Tuple[str, ...]:
-    """Split a command line without a shell; on Windows backslashes stay
-    literal and quotes only group words ("C:\\Program Files\\x.exe")."""
-    windows = os.name == "nt"
+def split_windows(text: str) -> List[str]:
+    """Split a command line by the Windows rules (CommandLineToArgvW, the
+    inverse of subprocess.list2cmdline): whitespace separates words outside
+    double quotes; backslashes are literal except before a quote, where 2n
+    of them give n and a quote that toggles quoting, and 2n+1 give n and a
+    literal quote."""
+    words: List[str] = []
+    word: List[str] = []
+    in_word = quoted = False
+    pos = 0
+    while pos < len(text):
+        c = text[pos]
+        if c == "\\":
+            run = len(text[pos:]) - len(text[pos:].lstrip("\\"))
+            pos += run
+            if pos < len(text) and text[pos] == '"':
+                word.append("\\" * (run // 2))
+                if run % 2:
+                    word.append('"')
+                    pos += 1
+            else:
+                word.append("\\" * run)
+            in_word = True
+            continue
+        if c == '"':
+            quoted = not quoted
+            in_word = True
+        elif c in " \t" and not quoted:
+            if in_word:
+                words.append("".join(word))
+                word, in_word = [], False
+        else:
+            word.append(c)
+            in_word = True
+        pos += 1
+    if in_word:
+        words.append("".join(word))
+    return words
+
+
+def split_command(text: str, windows: bool) -> List[str]:
+    """The words of `command`: Windows rules on Windows, POSIX shell quoting elsewhere."""
+    if windows:
+        return split_windows(text)
     try:
-        words = shlex.split(text, posix=not windows)
+        return shlex.split(text)
     except ValueError as exc:
         raise ValueError("%r: %s" % (text, exc)) from None
-    if windows:
-        # The non-POSIX split keeps the quotes; subprocess would quote them again.
-        words = [w[1:-1] if len(w) >= 2 and w[0] == w[-1] == '"' else w for w in words]
+
+
+def parse_command(text: str) -> Tuple[str, ...]:
+    """The program and its arguments, without a shell.
+
+    An unquoted program path with spaces (`C:\\Program Files\\Scan\\scan.exe
+    --x`, or the Go program's `command`, which is one path and no arguments)
+    runs when some leading words together name an existing file; the longest
+    such prefix is the program.
+    """
+    words = split_command(text, os.name == "nt")
+    if words and '"' not in text and "'" not in text and not os.path.isfile(words[0]):
+        for n in range(len(words), 1, -1):
+            program = " ".join(words[:n])
+            if os.path.isfile(program):
+                return (program,) + tuple(words[n:])
     return tuple(words)
 
 
@@ -232,9 +292,10 @@ OPTIONS: Tuple[Option, ...] = (
     Option("read_timeout", "60s", _timeout(1.0), "deadline for reading each command line"),
     Option("write_timeout", "60s", _timeout(1.0), "limit for each reply write"),
     Option("data_timeout", "5m", _timeout(1.0), "limit for receiving one whole message"),
-    Option("max_connections", "100", _integer(1, allow_unlimited=True), "concurrent sessions; -1 is unlimited"),
-    Option("max_message_size", "10240000", _integer(1), "largest message in bytes"),
-    Option("max_recipients", "100", _integer(1), "most RCPT per message"),
+    Option("max_connections", "100", _integer(1, allow_unlimited=True, zero=100),
+           "concurrent sessions; -1 is unlimited, 0 the default"),
+    Option("max_message_size", "10240000", _integer(1, zero=10240000), "largest message in bytes; 0 is the default"),
+    Option("max_recipients", "100", _integer(1, zero=100), "most RCPT per message; 0 is the default"),
     Option("allowed_nets", "127.0.0.0/8 ::1/128", parse_nets, "networks allowed to connect; empty is any"),
     Option("proxy_nets", "", parse_nets, "load balancers whose connections start with a PROXY protocol header"),
     Option("allowed_sender", "", parse_regex, "regex a MAIL FROM address must match"),
@@ -327,6 +388,7 @@ class Settings:
     config_path: Optional[str] = None
     base_dir: str = "."
     raw: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
+    warnings: Tuple[str, ...] = ()  # logged once at start-up and printed by -check
 
 
 # -- the Go smtprelay file format (SPEC 2.2) ----------------------------------
@@ -357,27 +419,51 @@ def read_file(path: str) -> Dict[str, Tuple[str, int]]:
 
 
 def _strip_value(value: str) -> str:
+    """The value as the Go program reads it: trimmed, one pair of quotes
+    removed, cut at the first ` #` (a ` ;` is part of the value there)."""
     value = value.strip()
     if value.startswith('"'):
         # The closing quote is the first one followed by nothing or a comment.
         end = value.find('"', 1)
         while end > 0:
             rest = value[end + 1:]
-            if not rest.strip() or (rest[:1].isspace() and rest.lstrip()[:1] in ("#", ";")):
+            if not rest.strip() or (rest[:1].isspace() and rest.lstrip()[:1] == "#"):
                 return value[1:end]
             end = value.find('"', end + 1)
-    for marker in (" #", " ;", "\t#", "\t;"):
-        cut = value.find(marker)
-        if cut >= 0:
-            value = value[:cut]
+    cut = value.find(" #")
+    if cut >= 0:
+        value = value[:cut]
     return value.strip()
 
 
 # -- layering and validation ----------------------------------------------
 
+def read_dotenv(path: str) -> Dict[str, Tuple[str, int]]:
+    """Parse a .env file (sources.read_dotenv) into {option: (value, line number)}.
+
+    Raises:
+        ConfigError: unreadable file, a malformed line or an unknown key.
+    """
+    try:
+        values = sources.read_dotenv(path, ENV_PREFIX)
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError("config", "cannot read %s: %s" % (path, getattr(exc, "strerror", None) or exc)) from None
+    except ValueError as exc:
+        raise ConfigError("config", "%s: %s" % (path, exc)) from None
+    for key, (_, number) in values.items():
+        if key == "config":
+            raise ConfigError("config", "%s line %d names a config file, which the Go program ignores "
+                              "there; use -config FILE instead" % (sources.DOTENV, number))
+        if key not in OPTION_NAMES:
+            raise ConfigError(key, "unknown option (%s line %d)" % (sources.DOTENV, number))
+    return values
+
+
 def load(config_path: Optional[str] = None, flags: Optional[Mapping[str, str]] = None,
-         environ: Optional[Mapping[str, str]] = None) -> Settings:
-    """Build Settings from defaults < file < environment < flags.
+         environ: Optional[Mapping[str, str]] = None, dotenv: bool = False) -> Settings:
+    """Build Settings from defaults < file < environment < flags. The file is
+    in the ini format, or the .env format with `dotenv`. An environment
+    variable that is set but empty is ignored, as in the Go program.
 
     Raises:
         ConfigError: the first mistake found, naming its option.
@@ -385,19 +471,28 @@ def load(config_path: Optional[str] = None, flags: Optional[Mapping[str, str]] =
     environ = os.environ if environ is None else environ
     raw = {o.name: o.default for o in OPTIONS}
     base_dir = os.getcwd()
+    warnings: List[str] = []
     if config_path:
         config_path = os.path.abspath(config_path)
         base_dir = os.path.dirname(config_path)
-        for key, (value, _) in read_file(config_path).items():
+        for key, (value, _) in (read_dotenv if dotenv else read_file)(config_path).items():
             raw[key] = value
     for option in OPTIONS:
-        env_name = ENV_PREFIX + option.name.upper()
-        if env_name in environ:
-            raw[option.name] = environ[env_name]
+        env_value = environ.get(ENV_PREFIX + option.name.upper())
+        if env_value:
+            raw[option.name] = env_value
+    unknown = sorted(name for name in environ if name.upper().startswith(ENV_PREFIX)
+                     and name.upper() not in ENV_NOT_OPTIONS and not name.upper().startswith(ENV_TEST_PREFIX)
+                     and name[len(ENV_PREFIX):].lower() not in OPTION_NAMES)
+    if unknown:
+        warnings.append("environment variable %s is no option and is ignored (SMTPRELAY_<OPTION>, "
+                        "see smtprelay.ini)" % ", ".join(unknown))
     for key, value in (flags or {}).items():
         if key not in OPTION_NAMES:
             raise ConfigError(key, "unknown option")
         raw[key] = value
+    if not raw["hostname"].strip():
+        raw["hostname"] = OPTION_NAMES["hostname"].default  # empty means the default, as in the Go program
     values = {}
     for option in OPTIONS:
         text = raw[option.name].strip()
@@ -417,7 +512,23 @@ def load(config_path: Optional[str] = None, flags: Optional[Mapping[str, str]] =
     settings = Settings(config_path=config_path, base_dir=base_dir,
                         raw=MappingProxyType(dict(raw)), **values)
     _validate(settings)
-    return settings
+    return replace(settings, warnings=tuple(warnings + _meaningless(settings)))
+
+
+def _meaningless(s: Settings) -> List[str]:
+    """Warnings for values that are accepted but have no effect (SPEC 2.3)."""
+    found = []
+    if not s.remotes and not s.command:
+        found.append("no remotes and no command configured: every message will be refused with 554")
+    schemes = {l.scheme for l in s.listen}
+    if s.local_forcetls and "starttls" not in schemes:
+        found.append("local_forcetls has no effect: no starttls:// listener")
+    if schemes == {"plain"}:
+        if s.local_cert:
+            found.append("local_cert and local_key are not used: no tls:// or starttls:// listener")
+        if s.raw.get("tls_profile", "default").strip().lower() != "default":
+            found.append("tls_profile has no effect: no tls:// or starttls:// listener")
+    return found
 
 
 def resolve_path(path: str, base_dir: str) -> str:
@@ -461,12 +572,12 @@ def _validate(s: Settings) -> None:
     if tls_listeners and not s.local_cert:
         raise ConfigError("listen", "%s needs local_cert and local_key" % (tls_listeners[0],))
     if s.local_cert:
-        _check_cert_pair("local_cert", s.local_cert, s.local_key)
+        _check_cert_pair("local_cert", s.local_cert, "local_key", s.local_key)
     if bool(s.remote_certificate) != bool(s.remote_key):
         raise ConfigError("remote_certificate" if s.remote_key else "remote_key",
                           "remote_certificate and remote_key go together; set both or neither")
     if s.remote_certificate:
-        _check_cert_pair("remote_certificate", s.remote_certificate, s.remote_key)
+        _check_cert_pair("remote_certificate", s.remote_certificate, "remote_key", s.remote_key)
     if s.allowed_users:
         plain = [l for l in s.listen if l.scheme == "plain"]
         if plain:
@@ -491,19 +602,41 @@ def _validate(s: Settings) -> None:
                               "(or set oauth_refresh_token for the refresh token grant)")
 
 
-def _check_cert_pair(option: str, cert: str, key: Optional[str]) -> None:
-    for path in (cert, key):
+def _check_cert_pair(cert_option: str, cert: str, key_option: str, key: str) -> None:
+    """Both files readable, the certificate one, the key its own (SPEC 2.3)."""
+    for option, path in ((cert_option, cert), (key_option, key)):
         if not os.path.isfile(path):
             raise ConfigError(option, "cannot read %s: no such file" % path)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     try:
-        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(cert, key)
+        context.load_verify_locations(cafile=cert)
+    except (ssl.SSLError, OSError):
+        raise ConfigError(cert_option, "%s is not a certificate: %s holds no PEM certificate "
+                          "(-----BEGIN CERTIFICATE-----)" % (cert_option, cert)) from None
+    try:
+        # An empty passphrase: an encrypted key fails instead of prompting on the terminal.
+        context.load_cert_chain(cert, key, password=lambda: b"")
     except (ssl.SSLError, OSError) as exc:
-        reason = getattr(exc, "reason", None) or getattr(exc, "strerror", None) or str(exc)
-        raise ConfigError(option, "cannot load %s with its key: %s" % (cert, reason)) from None
+        if getattr(exc, "reason", None) == "KEY_VALUES_MISMATCH":
+            raise ConfigError(key_option, "%s does not belong to %s: %s is the key of another "
+                              "certificate than %s" % (key_option, cert_option, key, cert)) from None
+        raise ConfigError(key_option, "%s is not a private key: %s holds no unencrypted PEM private key"
+                          % (key_option, key)) from None
+
+
+TRANSLATION_SHOWN = 200  # characters of a regex translation -check prints (\pL is thousands)
+
+
+def _shown(pattern: str) -> str:
+    if len(pattern) <= TRANSLATION_SHOWN:
+        return pattern
+    return "%s... (%d characters)" % (pattern[:TRANSLATION_SHOWN], len(pattern))
 
 
 def describe(settings: Settings) -> List[str]:
-    """`option = value` lines of the effective settings, secrets masked (-check)."""
+    """`option = value` lines of the effective settings, secrets masked (-check):
+    each remote on a line of its own with all its parameters, and the Python
+    form of a regex that had to be translated."""
     lines = []
     for option in OPTIONS:
         value = settings.raw.get(option.name, option.default)
@@ -513,11 +646,19 @@ def describe(settings: Settings) -> List[str]:
             value = " ".join(r.masked() for r in settings.remotes)
         elif option.name == "webhook_url":
             value = mask_url(value)
-        elif option.name == "welcome_msg":
-            value = settings.welcome_msg
+        elif option.name in ("welcome_msg", "hostname", "max_connections", "max_message_size", "max_recipients"):
+            value = getattr(settings, option.name)
         elif option.path and getattr(settings, option.name):
             value = getattr(settings, option.name)
+        elif option.parse is parse_regex and value.strip():
+            pattern, translated = goregex.translate(value.strip())
+            if translated:
+                value = "%s   (as Python: %s)" % (value.strip(), _shown(pattern))
         lines.append("%s = %s" % (option.name, value))
+        if option.name == "remotes":
+            for number, remote in enumerate(settings.remotes, 1):
+                params = " ".join("%s=%s" % (name, _shown(text)) for name, text in remote.parameters())
+                lines.append(("  remote %d: %s %s" % (number, remote.masked(), params)).rstrip())
     return lines
 
 

@@ -57,8 +57,10 @@ def translate(text: str, ignore_case: bool = False) -> Tuple[str, bool]:
     lead = _LEAD_FLAGS.match(text)
     lead_flags = lead.group(1) if lead else ""
     flags = {f: f in lead_flags for f in _FLAGS}
-    parser = _Parser(text, flags, lead.end() if lead else 0)
-    body = parser.parse()
+    try:
+        body = _Parser(text, flags, lead.end() if lead else 0).parse()
+    except ValueError as exc:
+        raise ValueError("regex %r: %s" % (text, exc)) from None
     own = "".join(f for f in "is" if f in lead_flags)  # m and U are spelled out per atom
     flags["i"] = flags["i"] or ignore_case
     every = "".join(f for f in "is" if flags[f])
@@ -66,12 +68,12 @@ def translate(text: str, ignore_case: bool = False) -> Tuple[str, bool]:
     try:
         re.compile(pattern)
     except re.error as exc:
-        raise ValueError("%r cannot be used: %s" % (text, exc)) from None
+        raise ValueError("regex %r cannot be used: %s" % (text, exc)) from None
     return pattern, ("(?%s)" % own if own else "") + body != text
 
 
 def _unsupported(what: str) -> ValueError:
-    return ValueError("%s is not RE2 syntax, so the Go smtprelay refuses it too" % what)
+    return ValueError("%s is not RE2 syntax (the Go smtprelay refuses it too)" % what)
 
 
 class _Parser:
@@ -90,7 +92,7 @@ class _Parser:
     def parse(self) -> str:
         out = self._alternation(dict(self.base), top=True)
         if self.pos < len(self.text):
-            raise ValueError("%r has an unmatched ')'" % self.text)
+            raise ValueError("unmatched ')'")
         return out
 
     # -- structure -------------------------------------------------------------
@@ -105,7 +107,7 @@ class _Parser:
             c = self.text[self.pos]
             if c == ")":
                 if top:
-                    raise ValueError("%r has an unmatched ')'" % self.text)
+                    raise ValueError("unmatched ')'")
                 break
             if c == "|":
                 self.pos += 1
@@ -116,8 +118,8 @@ class _Parser:
                 quantifier = self._quantifier(flags)
                 if quantifier is not None:
                     if not atom_ready:
-                        raise ValueError("%r: %r repeats nothing (missing argument to repetition "
-                                         "operator)" % (self.text, quantifier))
+                        raise ValueError("%r repeats nothing (missing argument to repetition "
+                                         "operator)" % quantifier)
                     parts.append(quantifier)
                     atom_ready = False
                     continue
@@ -141,16 +143,16 @@ class _Parser:
             low = int(m.group(1))
             high = int(m.group(3)) if m.group(3) else None
             if low > MAX_REPEAT or (high is not None and high > MAX_REPEAT):
-                raise ValueError("%r: repeat count above %d (RE2's limit)" % (self.text, MAX_REPEAT))
+                raise ValueError("repeat count above %d (RE2's limit)" % (MAX_REPEAT))
             if high is not None and high < low:
-                raise ValueError("%r: invalid repeat count %s" % (self.text, m.group(0)))
+                raise ValueError("invalid repeat count %s" % (m.group(0)))
         self.pos = m.end()
         lazy = self._peek() == "?"
         if lazy:
             self.pos += 1
         if self._peek() in ("*", "+", "?") or (self._peek() == "{" and re.match(r"\{\d", self.text[self.pos:])):
             what = "possessive repetition" if self._peek() == "+" else "a repeated repetition"
-            raise ValueError("%r: %s (%s%s) is not RE2 syntax" % (self.text, what, m.group(0), self._peek()))
+            raise ValueError("%s (%s%s) is not RE2 syntax" % (what, m.group(0), self._peek()))
         if flags["U"]:
             lazy = not lazy  # (?U) swaps greedy and lazy
         return m.group(0) + ("?" if lazy else "")
@@ -185,7 +187,7 @@ class _Parser:
             if m.group(1) is None:  # flags: (?i) or (?i-s:...)
                 on, off = m.group(2), m.group(3)
                 if (not on and not off) or off == "":
-                    raise ValueError("%r: empty flag group at %d" % (self.text, start))
+                    raise ValueError("empty flag group at %d" % (start))
                 for f in on:
                     inner_flags[f] = True
                 for f in off or "":
@@ -196,7 +198,7 @@ class _Parser:
                 opener = "(?:"
         body = self._alternation(inner_flags)
         if self._peek() != ")":
-            raise ValueError("%r: missing closing ) for the group at %d" % (self.text, start))
+            raise ValueError("missing closing ) for the group at %d" % (start))
         self.pos += 1
         return opener + body + ")"
 
@@ -208,7 +210,7 @@ class _Parser:
         for prefix, name in names:
             if rest.startswith(prefix):
                 return _unsupported("%s %s" % (name, prefix))
-        return ValueError("%r: unknown group syntax at %d (%s...)" % (self.text, start, rest))
+        return ValueError("unknown group syntax at %d (%s...)" % (start, rest))
 
     def _wrap(self, atom: str, flags: Dict[str, bool], relevant: Tuple[str, ...]) -> str:
         """`atom`, scoped to the flags in `relevant` that differ from the base."""
@@ -224,7 +226,7 @@ class _Parser:
         start = self.pos
         self.pos += 1
         if self.pos >= len(self.text):
-            raise ValueError("%r ends with a lone backslash" % self.text)
+            raise ValueError("ends with a lone backslash")
         c = self.text[self.pos]
         if c == "Q":
             end = self.text.find("\\E", self.pos + 1)
@@ -255,7 +257,7 @@ class _Parser:
         if c == "x":
             m = re.compile(r"\{([0-9A-Fa-f]{1,6})\}|([0-9A-Fa-f]{2})").match(self.text, self.pos)
             if not m or int(m.group(1) or m.group(2), 16) > MAX_CHAR:
-                raise ValueError("%r: invalid \\x escape at %d" % (self.text, self.pos - 2))
+                raise ValueError("invalid \\x escape at %d" % (self.pos - 2))
             self.pos = m.end()
             return None, int(m.group(1) or m.group(2), 16)
         if c in "01234567":
@@ -274,7 +276,7 @@ class _Parser:
         if self._peek() == "{":
             end = self.text.find("}", self.pos)
             if end < 0:
-                raise ValueError("%r: missing } after \\p{" % self.text)
+                raise ValueError("missing } after \\p{")
             name = self.text[self.pos + 1:end]
             self.pos = end + 1
             if name.startswith("^"):
@@ -296,7 +298,7 @@ class _Parser:
         first = True
         while True:
             if self.pos >= len(self.text):
-                raise ValueError("%r: missing closing ] for the class at %d" % (self.text, start))
+                raise ValueError("missing closing ] for the class at %d" % (start))
             c = self.text[self.pos]
             if c == "]" and not first:
                 self.pos += 1
@@ -310,7 +312,7 @@ class _Parser:
                     ranges.extend(_complement(part) if m.group(1) else part)
                     continue
                 if m:
-                    raise ValueError("%r: unknown POSIX class [:%s:]" % (self.text, m.group(2)))
+                    raise ValueError("unknown POSIX class [:%s:]" % (m.group(2)))
             low = self._class_char(ranges)
             if low is None:
                 continue
@@ -318,7 +320,7 @@ class _Parser:
                 self.pos += 1
                 high = self._class_char(ranges)
                 if high is None or high < low:
-                    raise ValueError("%r: invalid range in the class at %d" % (self.text, start))
+                    raise ValueError("invalid range in the class at %d" % (start))
                 ranges.append((low, high))
             else:
                 ranges.append((low, low))
@@ -335,9 +337,9 @@ class _Parser:
             self.pos += 1
             return ord(c)
         if self.text.startswith("\\Q", self.pos) or self._peek(2) in ("\\b", "\\B", "\\A", "\\z"):
-            raise ValueError("%r: %s is not allowed in a class" % (self.text, self._peek(2)))
+            raise ValueError("%s is not allowed in a class" % (self._peek(2)))
         if self.pos + 1 >= len(self.text):
-            raise ValueError("%r ends with a lone backslash" % self.text)
+            raise ValueError("ends with a lone backslash")
         found, value = self._class_escape()
         if found is None:
             return value

@@ -161,6 +161,10 @@ class Users(_WatchedFile):
                 self._skip(number, "expected: user bcrypt-hash [allowed-from,...]")
                 continue
             name, hashed = parts[0], parts[1]
+            if not hashed.startswith("$"):
+                self._skip(number, "the second field looks like a plain-text password, not a bcrypt "
+                                   "hash; replace it with the output of smtprelay -hash-password")
+                continue
             if not hashed.startswith(("$2a$", "$2b$", "$2y$")):
                 self._skip(number, "not a bcrypt hash ($2a$, $2b$ or $2y$)")
                 continue

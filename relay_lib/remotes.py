@@ -21,14 +21,22 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Callable, Dict, List, Optional, Pattern, Tuple, Union
 from urllib.parse import unquote, urlsplit
 
 from . import metrics
+from .goregex import translate
 
 DEFAULT_PORTS = {"smtp": 25, "starttls": 587, "tls": 465, "smtps": 465}
 AUTH_METHODS = ("plain", "login", "xoauth2")
+# skipVerify: the Go program skips verification for any value but "false".
+# Those that mean "skip" in both are taken; spellings of false other than
+# "false" are refused, since there they would mean the opposite.
+SKIP_VERIFY_TRUE = ("", "1", "t", "true", "yes", "on")
+# Remote fields that are the URL itself rather than a parameter (see parameters()).
+_URL_FIELDS = ("scheme", "host", "port", "username", "password", "sender", "path")
+_PARAM_NAMES = {"skip_verify": "skipVerify"}
 
 
 @dataclass(frozen=True)
@@ -69,6 +77,25 @@ class Remote:
         """True when the `recipient=` filter takes this address (SPEC 5.2)."""
         return self.recipient is None or self.recipient.fullmatch(rcpt) is not None
 
+    def parameters(self) -> List[Tuple[str, str]]:
+        """(name, value) of every setting besides the URL itself, for -check;
+        a file: remote has none."""
+        found: List[Tuple[str, str]] = []
+        if self.scheme == "file":
+            return found
+        for f in fields(self):
+            if f.name in _URL_FIELDS:
+                continue
+            value = getattr(self, f.name)
+            if isinstance(value, bool):
+                value = "true" if value else "false"
+            elif hasattr(value, "pattern"):
+                value = value.pattern
+            elif value is None:
+                value = "(none)"
+            found.append((_PARAM_NAMES.get(f.name, f.name), str(value)))
+        return found
+
     def __str__(self) -> str:
         return self.masked()
 
@@ -82,6 +109,9 @@ def parse_remote(url: str) -> Remote:
     if url.startswith("file:"):
         # file:outbox, file:/var/outbox, file:///var/outbox, file:///C:/outbox;
         # percent-encoding names what a space would split (file:C:/Mail%20Out).
+        if "?" in url:
+            raise ValueError("%s: a file: remote takes no ?parameters (write %%3F for a ? in "
+                             "the folder name)" % url)
         path = unquote(url[len("file:"):])
         if path.startswith("//"):
             path = path[2:]
@@ -105,7 +135,10 @@ def parse_remote(url: str) -> Remote:
     if not parts.hostname:
         raise ValueError("%s: missing host" % _mask_raw(url))
     scheme = scheme.lower()
-    params = _parse_params(parts.query)
+    try:
+        params = _parse_params(parts.query)
+    except ValueError as exc:
+        raise ValueError("%s: %s" % (_mask_raw(url), exc)) from None
     auth = params.pop("auth", "plain").lower()
     if auth not in AUTH_METHODS:
         raise ValueError("%s: unknown auth=%s (use plain, login or xoauth2)" % (_mask_raw(url), auth))
@@ -113,16 +146,17 @@ def parse_remote(url: str) -> Remote:
         # SPEC 10: the user names the mailbox; the token replaces any password.
         raise ValueError("%s: auth=xoauth2 takes the mailbox as user and no password"
                          % _mask_raw(url))
-    skip = params.pop("skipverify", "false").lower()
-    if skip not in ("", "true", "1", "false", "0"):
-        raise ValueError("%s: skipVerify takes true or false" % _mask_raw(url))
+    skip = params.pop("skipverify", "false")
+    if skip != "false" and skip.lower() not in SKIP_VERIFY_TRUE:
+        raise ValueError("%s: skipVerify=%s is ambiguous: the Go smtprelay reads every value but "
+                         "\"false\" as true; write skipVerify=true or skipVerify=false" % (_mask_raw(url), skip))
     recipient = None
     if "recipient" in params:
         pattern = params.pop("recipient")
         try:
-            recipient = re.compile(pattern, re.IGNORECASE)
-        except re.error as exc:
-            raise ValueError("%s: recipient=%s is not a valid regex: %s" % (_mask_raw(url), pattern, exc))
+            recipient = re.compile(translate(pattern, ignore_case=True)[0])
+        except ValueError as exc:
+            raise ValueError("%s: recipient=%s: %s" % (_mask_raw(url), pattern, exc)) from None
     failover = params.pop("failover", None)
     if failover is not None and not failover:
         raise ValueError("%s: failover needs a group name (failover=NAME)" % _mask_raw(url))
@@ -137,16 +171,19 @@ def parse_remote(url: str) -> Remote:
         password=unquote(parts.password) if parts.password is not None else None,
         sender=sender,
         auth=auth,
-        skip_verify=skip in ("", "true", "1"),
+        skip_verify=skip != "false",
         recipient=recipient,
         failover=failover,
     )
 
 
 def _parse_params(query: str) -> dict:
+    """{lower-case name: value}; a name given twice is an error (which one would win?)."""
     params = {}
     for item in query.split("&") if query else ():
         key, _, value = item.partition("=")
+        if key.lower() in params:
+            raise ValueError("parameter %s is given twice" % key)
         params[key.lower()] = unquote(value)
     return params
 

@@ -195,6 +195,15 @@ def _address(listener: Listener) -> Tuple[int, tuple, bool]:
         return info[0][0], info[0][4][:2], False
 
 
+class ListenError(OSError):
+    """An address that cannot be bound: the OSError, and which address
+    (`listen`'s own, or `metrics_listen ...`)."""
+
+    def __init__(self, address: str, exc: OSError):
+        super().__init__(exc.errno, exc.strerror or str(exc))
+        self.address = address
+
+
 class _ListenSocket:
     """What every listening socket here gets, SMTP or metrics: the address
     family of its Listener, dual stack for "every address", no port stealing.
@@ -321,14 +330,17 @@ class Relay:
 
         Raises:
             ConfigError: TLS certificate problems.
-            OSError: a listen address cannot be bound.
+            ListenError: a listen address cannot be bound.
         """
         self.tls_context = make_server_context(self.settings)
         if self.spool is not None:
             self.spool.start()  # the queue is picked up before any client is accepted
         try:
             for listener in self.settings.listen:
-                server = RelayServer(self, listener)
+                try:
+                    server = RelayServer(self, listener)
+                except OSError as exc:
+                    raise ListenError(str(listener), exc) from None
                 self._servers.append(server)
                 host, port = server.server_address[:2]
                 self.addresses.append((listener.scheme, host, port))
@@ -351,11 +363,11 @@ class Relay:
             log.info("metrics on %s", self.settings.metrics_listen._replace(port=self.metrics_address[1]))
 
     def _bind_metrics(self, listener: Listener) -> _MetricsServer:
-        """Raises: OSError naming metrics_listen and its address."""
+        """Raises: ListenError naming metrics_listen and its address."""
         try:
             return _MetricsServer(listener, self.healthy)
         except OSError as exc:
-            raise OSError(exc.errno, "metrics_listen %s: %s" % (listener, exc.strerror or exc)) from None
+            raise ListenError("metrics_listen %s" % listener, exc) from None
 
     def stop(self, timeout: Optional[float] = None) -> None:
         """Stop accepting, end idle sessions with 421 4.3.2, and wait for

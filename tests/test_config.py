@@ -29,14 +29,21 @@ def test_2_2_comments_blank_lines_and_sections(tmp_path):
 
 
 def test_2_2_inline_comments_are_cut(tmp_path):
-    s = load_text(tmp_path, "hostname = a.example ; the name\nwelcome_msg = hi there # greeting\n")
+    s = load_text(tmp_path, "hostname = a.example # the name\nwelcome_msg = hi there # greeting\n")
     assert s.hostname == "a.example"
     assert s.welcome_msg == "hi there"
 
 
+def test_2_2_semicolon_inside_a_value_is_kept(tmp_path):
+    # The Go program cuts a value only at " #"; " ;" is text (SPEC 2.2).
+    s = load_text(tmp_path, "welcome_msg = ready ; say hi\ncommand = /bin/true ;x\n")
+    assert s.welcome_msg == "ready ; say hi"
+    assert s.command == ("/bin/true", ";x")
+
+
 def test_2_2_hash_without_space_is_part_of_value(tmp_path):
     s = load_text(tmp_path, "allowed_sender = ^a#b@x$\n")
-    assert s.allowed_sender.pattern == "^a#b@x$"
+    assert s.allowed_sender.search("a#b@x") and not s.allowed_sender.search("a")
 
 
 def test_2_2_one_pair_of_quotes_removed(tmp_path):
@@ -186,10 +193,16 @@ def test_2_3_regex_options(tmp_path):
     assert err.option == "allowed_recipients" and "regex" in err.reason
 
 
-@pytest.mark.parametrize("option,value", [("max_connections", "0"), ("max_connections", "x"),
-                                          ("max_message_size", "-5"), ("max_recipients", "0")])
+@pytest.mark.parametrize("option,value", [("max_connections", "-2"), ("max_connections", "x"),
+                                          ("max_message_size", "-5"), ("max_recipients", "-1")])
 def test_2_3_bad_numbers(tmp_path, option, value):
     assert error_of(tmp_path, **{option: value}).option == option
+
+
+def test_2_3_zero_limits_mean_the_default(tmp_path):
+    # The Go program's server library reads 0 as its default for these three.
+    s = load_text(tmp_path, "max_connections = 0\nmax_message_size = 0\nmax_recipients = 0\n")
+    assert (s.max_connections, s.max_message_size, s.max_recipients) == (100, 10240000, 100)
 
 
 def test_2_3_max_connections_unlimited(tmp_path):

@@ -33,7 +33,8 @@ START_TIMEOUT = 30  # a one-file binary unpacks itself before it starts
 class RelayProcess:
     """One relay process: its ini, its working directory, its stderr and log."""
 
-    def __init__(self, ini, cwd, env=None):
+    def __init__(self, ini, cwd, env=None, argv=None):
+        """`argv` replaces the default command line, `relay_command() + [ini]`."""
         self.ini = ini
         self.folder = os.path.dirname(ini)
         self.stderr_path = os.path.join(cwd, "relay-stderr.txt")
@@ -42,7 +43,7 @@ class RelayProcess:
         if sys.platform == "win32":
             # Ctrl+Break can only be sent to a process in its own group.
             kwargs["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP
-        self.proc = subprocess.Popen(relay_command() + [ini], cwd=cwd, stdin=subprocess.DEVNULL,
+        self.proc = subprocess.Popen(argv or relay_command() + [ini], cwd=cwd, stdin=subprocess.DEVNULL,
                                      stdout=subprocess.DEVNULL, stderr=self.stderr_file,
                                      env=dict(os.environ, **(env or {})), **kwargs)
         self.ports = {}
