@@ -57,12 +57,12 @@ def translate(text: str, ignore_case: bool = False) -> Tuple[str, bool]:
     lead = _LEAD_FLAGS.match(text)
     lead_flags = lead.group(1) if lead else ""
     flags = {f: f in lead_flags for f in _FLAGS}
+    flags["i"] = flags["i"] or ignore_case
     try:
         body = _Parser(text, flags, lead.end() if lead else 0).parse()
     except ValueError as exc:
         raise ValueError("regex %r: %s" % (text, exc)) from None
     own = "".join(f for f in "is" if f in lead_flags)  # m and U are spelled out per atom
-    flags["i"] = flags["i"] or ignore_case
     every = "".join(f for f in "is" if flags[f])
     pattern = ("(?%s)" % every if every else "") + body
     try:
@@ -304,15 +304,15 @@ class _Parser:
                 self.pos += 1
                 break
             first = False
-            if self.text.startswith("[:", self.pos):
-                m = re.compile(r"\[:(\^?)([a-z]+):\]").match(self.text, self.pos)
-                if m and m.group(2) in _POSIX:
-                    self.pos = m.end()
-                    part = _POSIX[m.group(2)]
-                    ranges.extend(_complement(part) if m.group(1) else part)
-                    continue
-                if m:
-                    raise ValueError("unknown POSIX class [:%s:]" % (m.group(2)))
+            end = self.text.find(":]", self.pos + 2) if self.text.startswith("[:", self.pos) else -1
+            if end >= 0:  # as in RE2, [:...:] is always a named class
+                name = self.text[self.pos + 2:end]
+                if name.lstrip("^") not in _POSIX:
+                    raise ValueError("unknown POSIX class [:%s:]" % name)
+                part = _POSIX[name.lstrip("^")]
+                ranges.extend(_complement(part) if name.startswith("^") else part)
+                self.pos = end + 2
+                continue
             low = self._class_char(ranges)
             if low is None:
                 continue

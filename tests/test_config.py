@@ -2,8 +2,10 @@
 
 import ipaddress
 import os
+import subprocess
 
 import pytest
+from hypothesis import given, strategies as st
 
 from relay_lib import config
 from relay_lib.config import ConfigError, Listener
@@ -264,9 +266,40 @@ def test_2_3_missing_users_file(tmp_path, certs):
     assert err.option == "allowed_users" and "nope.txt" in err.reason
 
 
-def test_2_3_command_is_split_without_shell(tmp_path):
+def test_2_3_command_is_split_without_shell(tmp_path, monkeypatch):
+    monkeypatch.setattr(config.os, "name", "posix")
     s = load_text(tmp_path, "command = /usr/bin/archiver --to 'a b'\n")
     assert s.command == ("/usr/bin/archiver", "--to", "a b")
+
+
+@pytest.mark.parametrize("text,words", [
+    (r'"C:\Program Files\Scan\scan.exe" --x', [r"C:\Program Files\Scan\scan.exe", "--x"]),
+    ("C:\\Scan\\scan.exe --dir C:\\Mail\\", ["C:\\Scan\\scan.exe", "--dir", "C:\\Mail\\"]),
+    (r'scan.exe "a b" c\"d', ["scan.exe", "a b", 'c"d']),
+    (r'scan.exe "C:\Dir With Space\\" x', ["scan.exe", "C:\\Dir With Space\\", "x"]),
+    ('scan.exe ""  \t last', ["scan.exe", "", "last"]),
+])
+def test_2_3_command_windows_rules(text, words):
+    assert config.split_windows(text) == words
+
+
+@given(st.lists(st.text(alphabet=st.characters(blacklist_characters="\x00"), max_size=12), min_size=1, max_size=5))
+def test_2_3_command_windows_rules_undo_subprocess_quoting(words):
+    # subprocess.list2cmdline is how Popen joins a list on Windows: a round trip must hold.
+    assert config.split_windows(subprocess.list2cmdline(words)) == words
+
+
+def test_2_3_command_uses_windows_rules_on_windows(tmp_path, monkeypatch):
+    program = tmp_path / "Program Files" / "Scan" / "scan.exe"
+    program.parent.mkdir(parents=True)
+    program.write_text("")
+    monkeypatch.setattr(config.os, "name", "nt")
+    # Quoted, as the README says; backslashes stay (on Windows they are the separator).
+    s = load_text(tmp_path, 'command = "C:\\Program Files\\Scan\\scan.exe" --x C:\\out\n')
+    assert s.command == ("C:\\Program Files\\Scan\\scan.exe", "--x", "C:\\out")
+    # Unquoted with spaces: the longest leading words that name a file are the program.
+    s = load_text(tmp_path, "command = %s --x\n" % program)
+    assert s.command == (str(program), "--x")
 
 
 def test_2_3_webhook_url_must_be_http(tmp_path):
