@@ -44,14 +44,20 @@ clean:
 # One-file executable (SPEC 1): dist/smtprelay, dist/smtprelay.exe on
 # Windows. The spec file goes to build/ (ignored), so the tree stays clean;
 # everything the program needs, bcrypt and ssl included, is inside the binary.
+# The commit it was built from goes in as relay_lib/COMMIT, which -version reads.
 EXE := dist/smtprelay
+DATA_SEP := :
 ifeq ($(OS),Windows_NT)
 EXE := dist/smtprelay.exe
+DATA_SEP := ;
 endif
 
 exe: $(VENV)/.dev
+	mkdir -p build
+	git rev-parse HEAD > build/COMMIT 2>/dev/null || echo unknown > build/COMMIT
 	$(PY) -m PyInstaller --onefile --clean --noconfirm --log-level WARN --name smtprelay \
-	    --specpath build --workpath build/pyinstaller --distpath dist relay.py
+	    --specpath build --workpath build/pyinstaller --distpath dist \
+	    --add-data "$(CURDIR)/build/COMMIT$(DATA_SEP)relay_lib" relay.py
 	$(EXE) -version
 
 # The process-level suites against the frozen binary instead of `python relay.py`.
