@@ -63,4 +63,4 @@ exe: $(VENV)/.dev
 # The process-level suites against the frozen binary instead of `python relay.py`.
 test-exe: export SMTPRELAY_TEST_BINARY = $(EXE)
 test-exe: exe
-	$(PY) -m pytest -q --timeout=120 tests/test_cli.py tests/test_e2e.py
+	$(PY) -m pytest -q --timeout=120 tests/test_cli.py tests/test_e2e.py tests/test_dropin.py
