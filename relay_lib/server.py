@@ -367,7 +367,7 @@ class Relay:
         try:
             return _MetricsServer(listener, self.healthy)
         except OSError as exc:
-            raise ListenError("metrics_listen %s" % listener, exc) from None
+            raise ListenError("metrics_listen %s" % (listener,), exc) from None
 
     def stop(self, timeout: Optional[float] = None) -> None:
         """Stop accepting, end idle sessions with 421 4.3.2, and wait for

@@ -356,7 +356,7 @@ def test_6_listen_address_of_no_interface_is_one_line(tmp_path):
 
 def test_6_listen_permission_denied_names_the_fix():
     class Failure(OSError):
-        listener = "127.0.0.1:25"
+        address = "127.0.0.1:25"
 
     assert cli.listen_failure(Failure(errno.EACCES, "Permission denied")) == (
         "smtprelay: listen: 127.0.0.1:25: permission denied (ports below 1024 need root or "
