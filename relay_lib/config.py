@@ -481,9 +481,9 @@ def load(config_path: Optional[str] = None, flags: Optional[Mapping[str, str]] =
         env_value = environ.get(ENV_PREFIX + option.name.upper())
         if env_value:
             raw[option.name] = env_value
-    unknown = sorted(name for name in environ if name.upper().startswith(ENV_PREFIX)
-                     and name.upper() not in ENV_NOT_OPTIONS and not name.upper().startswith(ENV_TEST_PREFIX)
-                     and name[len(ENV_PREFIX):].lower() not in OPTION_NAMES)
+    known = set(ENV_NOT_OPTIONS) | {ENV_PREFIX + o.name.upper() for o in OPTIONS}
+    unknown = sorted(name for name in environ if name.upper().startswith(ENV_PREFIX) and name not in known
+                     and not name.upper().startswith(ENV_TEST_PREFIX))
     if unknown:
         warnings.append("environment variable %s is no option and is ignored (SMTPRELAY_<OPTION>, "
                         "see smtprelay.ini)" % ", ".join(unknown))
