@@ -216,7 +216,7 @@ def check(settings) -> int:
     _log_warnings(settings)
     # The tables log each malformed line as they load, as the relay's do at start.
     if settings.allowed_users:
-        policy.Users(settings.allowed_users)
+        policy.Users(settings.allowed_users, settings.auth_cache_ttl, settings.read_timeout)
     if settings.aliases_file:
         policy.Aliases(settings.aliases_file)
     print("\n".join(describe(settings)))
