@@ -46,7 +46,7 @@ class Config(NamedTuple):
     per_conn: int
     clients: int
     messages: int  # per run; a multiple of clients * per_conn
-    minimum: float  # ratio the relay must reach (issue 6)
+    minimum: float  # ratio the relay must reach
     aim: float  # ratio it aims for
 
 

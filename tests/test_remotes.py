@@ -360,7 +360,7 @@ def test_5_3_remotes_tried_in_order_first_failure_decides(tmp_path, sink_factory
     assert len(good.box) == 1  # may be delivered twice on retry, never lost
 
 
-# -- 5.3 connection pool and pipelining (issue 6) ----------------------------
+# -- 5.3 connection pool and pipelining -------------------------------------
 
 def test_5_3_pool_reuses_one_connection_for_several_messages(tmp_path, sink_factory):
     d = sink_factory(auth={"app1": PASSWORD})
