@@ -71,6 +71,13 @@ def session_context(**kw):
         _context.reset(token)
 
 
+def rebind_session(**kw) -> None:
+    """Change fields of the current session context (a PROXY header names the client's port)."""
+    bound = _context.get()
+    if bound is not None:
+        bound.update(kw)
+
+
 class _SessionFields(logging.Filter):
     """Puts the session context first in each record's fields."""
 

@@ -28,7 +28,7 @@ from typing import List, Optional, Set, Tuple
 from relay_lib import metrics, policy, proxy, replies
 from relay_lib.config import ConfigError, Listener
 from relay_lib.delivery import Delivery
-from relay_lib.logs import fields, log, session_context
+from relay_lib.logs import fields, log, rebind_session, session_context
 from relay_lib.metrics_http import MetricsHTTPServer
 from relay_lib.replies import Reply
 from relay_lib.session import Session
@@ -444,7 +444,8 @@ class Relay:
             log.debug("PROXY header without a client address", extra=fields(peer=ip))
             return ip
         client = str(policy.peer_address(found[0]))
-        log.debug("PROXY header", extra=fields(peer=client, proxy=ip, port=found[1]))
+        rebind_session(port=found[1])  # every later line names the client's port, not the proxy's
+        log.debug("PROXY header", extra=fields(peer=client, proxy=ip))
         return client
 
     def _refuse(self, server: RelayServer, sock: socket.socket, client_address, reply: Reply) -> None:

@@ -1,0 +1,228 @@
+"""Where the capabilities meet: the spool with failover, OAuth, metrics,
+AUTH and PROXY; the PROXY header with the AUTH penalty and the logs; the
+command line and a graceful stop with all of them on. Real relays, real
+downstreams, a real token endpoint and a real scanner, all on loopback."""
+
+import json
+import os
+import shutil
+import smtplib
+import subprocess
+import sys
+
+from conftest import ROOT, free_port, relay_command, wait_until, write_ini
+from oauth_kit import CLIENT_SECRET, REFRESH_TOKEN, endpoint, oauth_options, upstream_factory  # noqa: F401
+from smtp_talk import Talk, write_users
+from spool_kit import MESSAGE, files, late_sink, queue_empty, spool_relay  # noqa: F401
+from test_auth_cache import PASSWORD, PENALTY, FAILED, plain
+from test_cli import run_relay
+from test_metrics import Scrape
+from test_proxy import v1
+
+CLIENT = "203.0.113.7"
+ALLOWED = "127.0.0.0/8 203.0.113.0/24 198.51.100.0/24"
+
+
+def _records(caplog, message):
+    return [r.fields for r in caplog.records if r.getMessage() == message]
+
+
+def _group(*urls, name="mx"):
+    return " ".join("%s%sfailover=%s" % (u, "&" if "?" in u else "?", name) for u in urls)
+
+
+def _dead_url():
+    return "smtp://127.0.0.1:%d" % free_port()
+
+
+def _queued_state(relay):
+    names = [n for n in files(relay.spool_dir) if n.endswith(".json")]
+    assert len(names) == 1, names
+    with open(os.path.join(relay.spool_dir, "queue", names[0]), encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _is_queued(code, text):
+    return code == 250 and text.startswith(b"2.0.0 OK ") and text.endswith(b" queued")
+
+
+class ProxiedSMTP(smtplib.SMTP):
+    """smtplib behind a load balancer: the PROXY header goes out first."""
+
+    def __init__(self, header, *args, **kwargs):
+        self._header = header
+        super().__init__(*args, **kwargs)
+
+    def _get_socket(self, host, port, timeout):
+        sock = super()._get_socket(host, port, timeout)
+        sock.sendall(self._header)
+        return sock
+
+
+def send(relay, rcpts, sender="app@example.com"):
+    with smtplib.SMTP(relay.host, relay.port, timeout=10) as client:
+        client.ehlo("client.test")
+        client.mail(sender)
+        for rcpt in rcpts:
+            client.rcpt(rcpt)
+        return client.data(MESSAGE)
+
+
+# -- SPEC 9 x 11: the spool and failover groups ---------------------------------
+
+def test_11_9_failover_group_queued_as_one_destination_and_retried_as_a_group(
+        spool_relay, sink_factory, relay_log):
+    backup = sink_factory()
+    backup.handler.data_reply = "451 4.3.0 Try again later"
+    primary = _dead_url()
+    relay = spool_relay(remotes=_group(primary, backup.url()))
+    assert _is_queued(*send(relay, ["b@one.test", "c@one.test"]))
+    state = _queued_state(relay)
+    assert [(p["dest"], p["rcpt"], p["state"]) for p in state["pairs"]] == [
+        ("mx", "b@one.test", "pending"), ("mx", "c@one.test", "pending")]
+    assert len(_records(relay_log, "queued")) == 1
+    backup.handler.data_reply = None
+    assert wait_until(lambda: queue_empty(relay))
+    assert [m.rcpt_tos for m in backup.box] == [["b@one.test", "c@one.test"]]
+    # The dead primary is skipped on the retry: the log names the member that took it.
+    retries = _records(relay_log, "retry")
+    assert retries[-1]["result"] == "ok"
+    assert retries[-1]["remote"] == "%s 250 2.0.0 Queued as Q1" % backup.url()
+    assert [f["remote"] for f in _records(relay_log, "remote failed")].count(primary) == 1
+    assert len(_records(relay_log, "delivered")) == 1
+
+
+def test_11_9_every_member_skipped_on_retry_all_are_tried_in_order(spool_relay, late_sink, relay_log):
+    first, second = late_sink(), late_sink()
+    relay = spool_relay(remotes=_group(first.url(), second.url()))
+    assert _is_queued(*send(relay, ["b@one.test"]))
+    assert relay.delivery.dispatcher.is_down(relay.settings.remotes[0])
+    assert relay.delivery.dispatcher.is_down(relay.settings.remotes[1])
+    second.up()
+    assert wait_until(lambda: queue_empty(relay))
+    assert len(second.box) == 1 and first.box == []
+    last = _records(relay_log, "retry")[-1]["remote"]
+    assert last.startswith("%s 451; %s 250 " % (first.url(), second.url()))
+
+
+# -- SPEC 9 x 10: the spool and OAuth --------------------------------------------
+
+def test_10_9_token_endpoint_outage_is_queued_and_delivered_when_it_returns(
+        spool_relay, endpoint, upstream_factory, relay_log):  # noqa: F811
+    upstream = upstream_factory()
+    endpoint.mode = "aadsts"
+    relay = spool_relay(remotes=upstream.url(), **oauth_options(endpoint))
+    assert _is_queued(*send(relay, ["b@example.org"]))
+    assert upstream.box == []
+    assert "AADSTS7000215" in _records(relay_log, "queued")[0]["reason"]
+    endpoint.mode = "ok"
+    assert wait_until(lambda: queue_empty(relay))
+    assert [m.rcpt_tos for m in upstream.box] == [["b@example.org"]]
+    assert upstream.handler.xoauth2[-1] == ("scanner@contoso.test", True)
+    text = relay_log.text + " ".join(str(getattr(r, "fields", "")) for r in relay_log.records)
+    for secret in [CLIENT_SECRET] + endpoint.issued:
+        assert secret not in text
+
+
+# -- SPEC 9 x 12: the spool and the metrics ----------------------------------------
+
+def test_12_9_queued_messages_are_counted_and_the_queue_gauges_drain(spool_relay, late_sink):
+    down = late_sink()
+    relay = spool_relay(remotes=down.url(), metrics_listen="127.0.0.1:0")
+    before = Scrape(relay)
+    assert _is_queued(*send(relay, ["b@example.org"]))
+    assert _is_queued(*send(relay, ["c@example.org"]))
+    during = Scrape(relay)
+    assert during.value("smtprelay_messages_total", result="queued") - before.value(
+        "smtprelay_messages_total", result="queued") == 2
+    assert during.value("smtprelay_messages_total", result="tempfailed") == before.value(
+        "smtprelay_messages_total", result="tempfailed")
+    assert during.value("smtprelay_queue_messages") == 2
+    on_disk = sum(os.path.getsize(os.path.join(relay.spool_dir, "queue", n)) for n in files(relay.spool_dir))
+    assert during.value("smtprelay_queue_bytes") == on_disk
+    assert during.value("smtprelay_queue_oldest_age_seconds") >= 0
+    down.up()
+    assert wait_until(lambda: len(down.box) == 2)
+    assert wait_until(lambda: Scrape(relay).value("smtprelay_queue_messages") == 0)
+    after = Scrape(relay)
+    assert after.value("smtprelay_queue_bytes") == 0
+    assert after.value("smtprelay_queue_oldest_age_seconds") == 0
+
+
+# -- SPEC 9 x 2.4 x 12: who sent it survives the queue ----------------------------
+
+def test_9_12_user_peer_and_tls_survive_the_queue_behind_proxy(
+        spool_relay, certs, sink, webhook, tmp_path, relay_log):
+    calls = []
+
+    def scanner(request):
+        calls.append(request.json)
+        return (503, None, 0) if len(calls) == 1 else (200, {"action": "accept"}, 0)
+    webhook.script = scanner
+    users = write_users(tmp_path / "users", {"alice": (PASSWORD, None)})
+    relay = spool_relay(listen="starttls://127.0.0.1:0", local_cert=certs.cert_path,
+                        local_key=certs.key_path, allowed_users=users, proxy_nets="127.0.0.0/8",
+                        allowed_nets=ALLOWED, remotes=sink.url(), webhook_url=webhook.url)
+    with ProxiedSMTP(v1(CLIENT), relay.host, relay.port, timeout=10) as client:
+        client.ehlo("printer.lan")
+        client.starttls(context=certs.client_context())
+        client.ehlo("printer.lan")
+        client.login("alice", PASSWORD)
+        client.mail("app@example.com")
+        client.rcpt("b@example.org")
+        assert _is_queued(*client.data(MESSAGE))
+    envelope = _queued_state(relay)["envelope"]
+    assert (envelope["user"], envelope["peer"], bool(envelope["tls"])) == ("alice", CLIENT, True)
+    assert wait_until(lambda: queue_empty(relay))
+    assert len(calls) == 2
+    assert [(c["peer"], c["username"], c["tls"]) for c in calls] == [(CLIENT, "alice", True)] * 2
+    content = sink.box[0].content
+    assert content.startswith(b"Received: from printer.lan ([%s])" % CLIENT.encode())
+    assert b" with ESMTPSA (TLS" in content.split(b"\r\n\r\n")[0]
+    message_lines = _records(relay_log, "message")
+    assert [(f["peer"], f["user"]) for f in message_lines] == [(CLIENT, "alice")]
+
+
+# -- SPEC 2.4 x 12: the AUTH penalty and the logs behind a load balancer ---------
+
+def _proxied_auth(relay, certs, client, password):
+    with Talk(relay.port) as t:
+        t.send(v1(client))
+        assert t.reply().startswith("220 ")
+        t.cmd("EHLO x")
+        assert t.cmd("STARTTLS").startswith("220 ")
+        t.starttls(certs.client_context())
+        t.cmd("EHLO x")
+        return t.cmd(plain("alice", password))
+
+
+def test_2_4_12_auth_penalty_is_per_real_client_behind_proxy(relay_factory, certs, tmp_path, relay_log):
+    users = write_users(tmp_path / "users", {"alice": (PASSWORD, None)})
+    relay = relay_factory(listen="starttls://127.0.0.1:0", local_cert=certs.cert_path,
+                          local_key=certs.key_path, allowed_users=users, proxy_nets="127.0.0.0/8",
+                          allowed_nets=ALLOWED)
+    for n in range(10):
+        assert _proxied_auth(relay, certs, CLIENT, "guess-%d" % n) == FAILED
+    assert _proxied_auth(relay, certs, CLIENT, PASSWORD) == PENALTY
+    # Another client behind the same load balancer is not locked out.
+    assert _proxied_auth(relay, certs, "198.51.100.9", PASSWORD).startswith("235 2.7.0 ")
+    warnings = [r.fields for r in relay_log.records
+                if r.getMessage().startswith("too many authentication failures")]
+    assert [w["client"] for w in warnings] == [CLIENT]
+
+
+def test_12_6_session_lines_behind_proxy_carry_the_client_address_and_port(relay_factory, relay_log):
+    relay = relay_factory(proxy_nets="127.0.0.0/8", allowed_nets=ALLOWED)
+    with Talk(relay.port) as t:
+        t.send(v1(CLIENT, sport=40123))
+        assert t.reply().startswith("220 ")
+        assert t.cmd("EHLO printer.lan").startswith("250-")
+        assert t.to_data() == "354 End data with <CR><LF>.<CR><LF>"
+        assert t.cmd("Subject: x\r\n\r\nHello.\r\n.").startswith("250 2.0.0 OK ")
+        assert t.cmd("QUIT").startswith("221 ")
+    assert wait_until(lambda: _records(relay_log, "disconnected"))
+    lines = [r.fields for r in relay_log.records
+             if getattr(r, "fields", {}).get("session")]
+    assert len(lines) > 5
+    assert {(f.get("peer"), f["port"]) for f in lines if "peer" in f} == {(CLIENT, 40123)}
+    assert {f["port"] for f in lines} == {40123}
