@@ -644,7 +644,7 @@ def describe(settings: Settings) -> List[str]:
             value = "***"
         elif option.name == "remotes":
             value = " ".join(r.masked() for r in settings.remotes)
-        elif option.name == "webhook_url":
+        elif option.name in ("webhook_url", "oauth_token_url"):
             value = mask_url(value)
         elif option.name in ("welcome_msg", "hostname", "max_connections", "max_message_size", "max_recipients"):
             value = getattr(settings, option.name)

@@ -18,7 +18,7 @@ import urllib.request
 from typing import Dict, Optional, Tuple
 
 from . import metrics
-from .logs import fields, log
+from .logs import fields, log, mask_url
 from .remotes import is_loopback
 
 DEFAULT_SCOPE = "https://outlook.office365.com/.default"  # Exchange Online, app-only
@@ -48,9 +48,9 @@ def check_token_url(url: str) -> str:
     except ValueError:
         host, parts = "", None
     if parts is None or not host or parts.scheme not in ("http", "https"):
-        raise ValueError("%s is not an http(s) URL" % url)
+        raise ValueError("%s is not an http(s) URL" % mask_url(url))
     if parts.scheme == "http" and not is_loopback(host):
-        raise ValueError("%s: use https (http only to this machine, for tests)" % url)
+        raise ValueError("%s: use https (http only to this machine, for tests)" % mask_url(url))
     return url
 
 

@@ -5,6 +5,7 @@ downstreams, a real token endpoint and a real scanner, all on loopback."""
 
 import json
 import os
+import re
 import shutil
 import smtplib
 import subprocess
@@ -226,3 +227,72 @@ def test_12_6_session_lines_behind_proxy_carry_the_client_address_and_port(relay
     assert len(lines) > 5
     assert {(f.get("peer"), f["port"]) for f in lines if "peer" in f} == {(CLIENT, 40123)}
     assert {f["port"] for f in lines} == {40123}
+
+
+# -- the command line over every capability ---------------------------------------
+
+def test_6_check_prints_every_capability_and_masks_every_secret(tmp_path):
+    ini = tmp_path / "all.ini"
+    write_ini(ini, {
+        "remotes": "starttls://u%40x.com:Rem0tePa55@a.example.com?failover=mx "
+                   "starttls://box%40contoso.com@b.example.com?auth=xoauth2&failover=mx file:outbox",
+        "spool_dir": "spool", "spool_mode": "always", "queue_retry_min": "30s",
+        "oauth_token_url": "https://tok:T0kenUrlPa55@login.example.com/t/oauth2/v2.0/token",
+        "oauth_client_id": "app-id", "oauth_client_secret": "Cl1entSecret",
+        "oauth_refresh_token": "Refr3shToken",
+        "webhook_url": "https://scan:WebhookUrlPa55@scanner.example/check", "webhook_secret": "HmacKey9",
+        "failover_skip": "10s", "proxy_nets": "10.0.0.0/8", "metrics_listen": "127.0.0.1:9101"})
+    result = run_relay("-check", str(ini))
+    assert result.returncode == 0, result.stderr
+    out = result.stdout.splitlines()
+    for line in ["spool_dir = %s" % (tmp_path / "spool"), "spool_mode = always", "queue_retry_min = 30s",
+                 "failover_skip = 10s", "proxy_nets = 10.0.0.0/8", "metrics_listen = 127.0.0.1:9101",
+                 "oauth_client_id = app-id", "oauth_client_secret = ***", "oauth_refresh_token = ***",
+                 "webhook_secret = ***", "oauth_token_url = https://tok:***@login.example.com/t/oauth2/v2.0/token",
+                 "webhook_url = https://scan:***@scanner.example/check",
+                 "  remote 1: starttls://u@x.com:***@a.example.com:587 auth=plain skipVerify=false "
+                 "recipient=(none) failover=mx",
+                 "  remote 2: starttls://box@contoso.com@b.example.com:587 auth=xoauth2 skipVerify=false "
+                 "recipient=(none) failover=mx",
+                 "  remote 3: file:%s" % (tmp_path / "outbox"), "configuration OK"]:
+        assert line in out, result.stdout
+    for secret in ("Rem0tePa55", "T0kenUrlPa55", "Cl1entSecret", "Refr3shToken", "WebhookUrlPa55", "HmacKey9"):
+        assert secret not in result.stdout + result.stderr
+
+
+def test_10_11_test_remotes_checks_every_failover_member_and_file_remote(tmp_path, sink_factory):
+    live, backup = sink_factory(), sink_factory()
+    dead = _dead_url()
+    (tmp_path / "outbox").mkdir()
+    ini = tmp_path / "r.ini"
+    write_ini(ini, {"remotes": "%s file:outbox" % _group(live.url(), backup.url()), "remote_timeout": "2s"})
+    result = run_relay("-test-remotes", str(ini))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.splitlines() == ["ok   %s: ok" % live.url(), "ok   %s: ok" % backup.url(),
+                                          "ok   file:%s: writable folder" % (tmp_path / "outbox")]
+    (tmp_path / "not-a-folder").write_text("")
+    write_ini(ini, {"remotes": "%s file:not-a-folder" % _group(dead, backup.url()), "remote_timeout": "2s"})
+    result = run_relay("-test-remotes", str(ini))
+    assert result.returncode == 1
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("FAIL %s: connect: " % dead)
+    assert lines[1] == "ok   %s: ok" % backup.url()
+    assert lines[2].startswith("FAIL file:%s: folder: " % (tmp_path / "not-a-folder"))
+    assert live.box == backup.box == []
+
+
+def test_9_queue_lists_a_real_spool(spool_relay, late_sink, tmp_path):
+    down = late_sink()
+    relay = spool_relay(remotes=_group(down.url(), _dead_url()), queue_retry_min="1h", queue_retry_max="2h")
+    code, text = send(relay, ["b@one.test"])
+    assert _is_queued(code, text)
+    message_id = text.split()[2].decode()
+    result = run_relay("-queue", str(tmp_path / "relay0.ini"))
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    size = sum(os.path.getsize(os.path.join(relay.spool_dir, "queue", n)) for n in files(relay.spool_dir))
+    assert lines[-1] == "1 message queued, %d bytes" % size
+    assert len(lines) == 2
+    assert lines[0].startswith("%s age=0m0" % message_id)
+    assert " from=<app@example.com> pending=b@one.test->mx attempts=1 next=" in lines[0]
+    assert re.search(r" next=in (0h59m|1h0[0-6]m) error=ConnectionRefusedError: ", lines[0]), lines[0]
