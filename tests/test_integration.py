@@ -8,15 +8,19 @@ import os
 import re
 import shutil
 import smtplib
+import socket
 import subprocess
 import sys
 
-from conftest import ROOT, free_port, relay_command, wait_until, write_ini
+import pytest
+
+from conftest import ROOT, free_port, outbox_messages, relay_command, wait_until, write_ini
 from oauth_kit import CLIENT_SECRET, REFRESH_TOKEN, endpoint, oauth_options, upstream_factory  # noqa: F401
 from smtp_talk import Talk, write_users
 from spool_kit import MESSAGE, files, late_sink, queue_empty, spool_relay  # noqa: F401
 from test_auth_cache import PASSWORD, PENALTY, FAILED, plain
 from test_cli import run_relay
+from test_e2e import RelayProcess
 from test_metrics import Scrape
 from test_proxy import v1
 
@@ -296,3 +300,52 @@ def test_9_queue_lists_a_real_spool(spool_relay, late_sink, tmp_path):
     assert lines[0].startswith("%s age=0m0" % message_id)
     assert " from=<app@example.com> pending=b@one.test->mx attempts=1 next=" in lines[0]
     assert re.search(r" next=in (0h59m|1h0[0-6]m) error=ConnectionRefusedError: ", lines[0]), lines[0]
+
+
+# -- SPEC 6 x 9 x 10 x 12: a graceful stop with everything on -----------------------
+
+def test_6_graceful_stop_with_spool_oauth_in_flight_metrics_and_pool(
+        spool_relay, sink, endpoint, upstream_factory, relay_log):  # noqa: F811
+    upstream = upstream_factory()
+    endpoint.mode, endpoint.delay = "slow", 5.0
+    options = dict(remotes="%s %s" % (sink.url(), upstream.url()), remote_timeout="1s",
+                   metrics_listen="127.0.0.1:0", proxy_nets="10.0.0.0/8", **oauth_options(endpoint))
+    relay = spool_relay(**options)
+    assert _is_queued(*send(relay, ["b@example.org"]))  # the sink took it, the token did not come
+    assert len(sink.box) == 1
+    assert relay.delivery.dispatcher.idle_count(relay.settings.remotes[0]) == 1
+    # A retry is waiting for the token endpoint when the stop comes.
+    assert wait_until(lambda: endpoint.requests >= 2)
+    metrics_address = relay.metrics_address
+    relay.stop()
+    assert relay.delivery.dispatcher.idle_count(relay.settings.remotes[0]) == 0
+    with pytest.raises(OSError):
+        socket.create_connection(metrics_address, timeout=1).close()
+    assert len(files(relay.spool_dir)) == 2  # still queued for the next start
+    assert not [r for r in relay_log.records if r.getMessage() == "queue attempts still running at shutdown"]
+    # The next start delivers it where it is still owed, and only there.
+    endpoint.mode = "ok"
+    again = spool_relay(**options)
+    assert wait_until(lambda: queue_empty(again))
+    assert len(upstream.box) == 1 and len(sink.box) == 1
+
+
+# -- the shipped ini, out of the box ------------------------------------------------
+
+def test_2_shipped_ini_runs_out_of_the_box_and_passes_check(tmp_path):
+    """`make run` with smtprelay.ini as shipped (only the port is free-chosen): a
+    message sent with smtplib lands in outbox/ beside the ini."""
+    conf = tmp_path / "conf"
+    conf.mkdir()
+    shutil.copy(os.path.join(ROOT, "smtprelay.ini"), str(conf / "smtprelay.ini"))
+    ini = str(conf / "smtprelay.ini")
+    assert run_relay("-check", ini).returncode == 0
+    relay = RelayProcess(ini, str(tmp_path), argv=relay_command() + [ini, "-listen", "127.0.0.1:0"])
+    try:
+        relay.wait_listening()
+        with smtplib.SMTP("127.0.0.1", relay.port, timeout=10) as client:
+            client.sendmail("app@example.com", ["b@example.org"], MESSAGE)
+        assert [meta["to"] for meta, _ in outbox_messages(str(conf / "outbox"))] == [["b@example.org"]]
+    finally:
+        assert relay.stop() == 0
+    assert "Traceback" not in relay.stderr
