@@ -9,13 +9,14 @@ import re
 import shutil
 import smtplib
 import socket
-import subprocess
-import sys
+import threading
+from types import SimpleNamespace
 
 import pytest
 
 from conftest import ROOT, free_port, outbox_messages, relay_command, wait_until, write_ini
-from oauth_kit import CLIENT_SECRET, REFRESH_TOKEN, endpoint, oauth_options, upstream_factory  # noqa: F401
+from oauth_kit import CLIENT_SECRET, endpoint, oauth_options, upstream_factory  # noqa: F401
+from relay_lib import cli, spool
 from smtp_talk import Talk, write_users
 from spool_kit import MESSAGE, files, late_sink, queue_empty, spool_relay  # noqa: F401
 from test_auth_cache import PASSWORD, PENALTY, FAILED, plain
@@ -349,3 +350,58 @@ def test_2_shipped_ini_runs_out_of_the_box_and_passes_check(tmp_path):
     finally:
         assert relay.stop() == 0
     assert "Traceback" not in relay.stderr
+
+
+# -- Windows branches of what the merges added ----------------------------------------
+
+class _WindowsOs:
+    """The os module as the spool sees it on Windows: os.name is "nt", and a
+    folder cannot be opened (os.open fails), so it cannot be fsynced."""
+
+    name = "nt"
+
+    def __getattr__(self, attr):
+        return getattr(os, attr)
+
+    @staticmethod
+    def open(path, flags, *args):
+        if os.path.isdir(path):
+            raise PermissionError(13, "Permission denied", path)
+        return os.open(path, flags, *args)
+
+
+def test_9_windows_spool_queues_retries_fails_and_deletes_without_folder_fsync(
+        spool_relay, sink, monkeypatch, tmp_path):
+    monkeypatch.setattr(spool, "os", _WindowsOs())
+    monkeypatch.setattr(spool, "sys", SimpleNamespace(platform="win32"))
+    sink.handler.data_reply = "451 4.3.0 Try again later"
+    relay = spool_relay(remotes=sink.url())
+    assert relay.spool._group is None
+    first = send(relay, ["b@example.org"])[1].split()[2].decode()
+    assert _is_queued(*send(relay, ["c@example.org"]))
+    # A permanent refusal on retry: the files move to failed/, a bounce is queued and sent.
+    sink.handler.data_reply = "554 5.7.1 Refused"
+    assert wait_until(lambda: len(files(relay.spool_dir, "failed")) == 4)
+    assert first + ".eml" in files(relay.spool_dir, "failed")
+    sink.handler.data_reply = None
+    assert wait_until(lambda: queue_empty(relay))
+    assert [m.rcpt_tos for m in sink.box] == [["app@example.com"]] * 2  # the bounces
+    # -delete on Windows: the files move without a folder fsync.
+    sink.handler.data_reply = "451 4.3.0 Try again later"
+    code, text = send(relay, ["d@example.org"])
+    relay.stop()
+    assert spool.delete(relay.settings, text.split()[2].decode())[0] == 0
+    assert len(files(relay.spool_dir, "failed")) == 6 and files(relay.spool_dir) == []
+
+
+def test_6_windows_signals_stop_on_break_and_install_no_posix_signal(monkeypatch):
+    installed = {}
+    fake = SimpleNamespace(SIGINT=2, SIGTERM=15, SIGBREAK=21,
+                           Signals=lambda n: SimpleNamespace(name={2: "SIGINT", 15: "SIGTERM", 21: "SIGBREAK"}[n]),
+                           signal=lambda number, handler: installed.__setitem__(number, handler))
+    monkeypatch.setattr(cli, "signal", fake)
+    stop, received = threading.Event(), []
+    cli._install_signal_handlers(stop, received)
+    assert sorted(installed) == [2, 15, 21]
+    installed[21](21, None)
+    assert stop.is_set() and received == ["SIGBREAK"]
