@@ -374,21 +374,22 @@ def test_9_windows_spool_queues_retries_fails_and_deletes_without_folder_fsync(
         spool_relay, sink, monkeypatch, tmp_path):
     monkeypatch.setattr(spool, "os", _WindowsOs())
     monkeypatch.setattr(spool, "sys", SimpleNamespace(platform="win32"))
-    sink.handler.data_reply = "451 4.3.0 Try again later"
+    later, refused = "451 4.2.1 Try again later", "550 5.1.1 No such user"
+    sink.handler.rcpt_reply = {"b@example.org": later, "c@example.org": later}
     relay = spool_relay(remotes=sink.url())
-    assert relay.spool._group is None
     first = send(relay, ["b@example.org"])[1].split()[2].decode()
     assert _is_queued(*send(relay, ["c@example.org"]))
+    assert relay.spool._group is None
     # A permanent refusal on retry: the files move to failed/, a bounce is queued and sent.
-    sink.handler.data_reply = "554 5.7.1 Refused"
+    sink.handler.rcpt_reply = {"b@example.org": refused, "c@example.org": refused}
     assert wait_until(lambda: len(files(relay.spool_dir, "failed")) == 4)
     assert first + ".eml" in files(relay.spool_dir, "failed")
-    sink.handler.data_reply = None
-    assert wait_until(lambda: queue_empty(relay))
+    assert wait_until(lambda: queue_empty(relay) and len(sink.box) == 2)
     assert [m.rcpt_tos for m in sink.box] == [["app@example.com"]] * 2  # the bounces
     # -delete on Windows: the files move without a folder fsync.
-    sink.handler.data_reply = "451 4.3.0 Try again later"
+    sink.handler.rcpt_reply = {"d@example.org": later}
     code, text = send(relay, ["d@example.org"])
+    assert _is_queued(code, text)
     relay.stop()
     assert spool.delete(relay.settings, text.split()[2].decode())[0] == 0
     assert len(files(relay.spool_dir, "failed")) == 6 and files(relay.spool_dir) == []
