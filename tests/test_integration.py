@@ -18,7 +18,7 @@ from conftest import ROOT, free_port, outbox_messages, relay_command, wait_until
 from oauth_kit import CLIENT_SECRET, endpoint, oauth_options, upstream_factory  # noqa: F401
 from relay_lib import cli, spool
 from smtp_talk import Talk, write_users
-from spool_kit import MESSAGE, files, late_sink, queue_empty, spool_relay  # noqa: F401
+from spool_kit import MESSAGE, files, late_sink, queue_empty, spool_process, spool_relay  # noqa: F401
 from test_auth_cache import PASSWORD, PENALTY, FAILED, plain
 from test_cli import run_relay
 from test_e2e import RelayProcess
@@ -406,3 +406,20 @@ def test_6_windows_signals_stop_on_break_and_install_no_posix_signal(monkeypatch
     assert sorted(installed) == [2, 15, 21]
     installed[21](21, None)
     assert stop.is_set() and received == ["SIGBREAK"]
+
+
+def test_6_sigterm_with_everything_on_exits_0_and_keeps_the_queue(
+        spool_process, sink, endpoint, upstream_factory):  # noqa: F811
+    upstream = upstream_factory()
+    endpoint.mode, endpoint.delay = "slow", 5.0
+    relay = spool_process(dict(
+        remotes="%s %s" % (_group(_dead_url(), sink.url()), upstream.url()), remote_timeout="1s",
+        metrics_listen="127.0.0.1:0", proxy_nets="10.0.0.0/8", allowed_nets=ALLOWED,
+        auth_cache_ttl="1m", **oauth_options(endpoint)))
+    assert _is_queued(*send(relay, ["b@example.org"]))
+    assert len(sink.box) == 1
+    assert wait_until(lambda: endpoint.requests >= 2)  # a retry waits for the token
+    assert relay.stop() == 0
+    assert "Traceback" not in relay.stderr
+    assert "stopped" in relay.stderr
+    assert len(files(relay.spool_dir)) == 2
