@@ -76,7 +76,7 @@ def send(relay, rcpts, sender="app@example.com"):
 
 # -- SPEC 9 x 11: the spool and failover groups ---------------------------------
 
-def test_11_9_failover_group_queued_as_one_destination_and_retried_as_a_group(
+def test_11_failover_group_queued_as_one_destination_and_retried_as_a_group(
         spool_relay, sink_factory, relay_log):
     backup = sink_factory()
     backup.handler.data_reply = "451 4.3.0 Try again later"
@@ -98,7 +98,7 @@ def test_11_9_failover_group_queued_as_one_destination_and_retried_as_a_group(
     assert len(_records(relay_log, "delivered")) == 1
 
 
-def test_11_9_every_member_skipped_on_retry_all_are_tried_in_order(spool_relay, late_sink, relay_log):
+def test_11_every_member_skipped_on_a_queue_retry_all_are_tried_in_order(spool_relay, late_sink, relay_log):
     first, second = late_sink(), late_sink()
     relay = spool_relay(remotes=_group(first.url(), second.url()))
     assert _is_queued(*send(relay, ["b@one.test"]))
@@ -113,7 +113,7 @@ def test_11_9_every_member_skipped_on_retry_all_are_tried_in_order(spool_relay, 
 
 # -- SPEC 9 x 10: the spool and OAuth --------------------------------------------
 
-def test_10_9_token_endpoint_outage_is_queued_and_delivered_when_it_returns(
+def test_10_token_endpoint_outage_is_queued_and_delivered_when_it_returns(
         spool_relay, endpoint, upstream_factory, relay_log):  # noqa: F811
     upstream = upstream_factory()
     endpoint.mode = "aadsts"
@@ -132,7 +132,7 @@ def test_10_9_token_endpoint_outage_is_queued_and_delivered_when_it_returns(
 
 # -- SPEC 9 x 12: the spool and the metrics ----------------------------------------
 
-def test_12_9_queued_messages_are_counted_and_the_queue_gauges_drain(spool_relay, late_sink):
+def test_12_queued_messages_are_counted_and_the_queue_gauges_drain(spool_relay, late_sink):
     down = late_sink()
     relay = spool_relay(remotes=down.url(), metrics_listen="127.0.0.1:0")
     before = Scrape(relay)
@@ -157,7 +157,7 @@ def test_12_9_queued_messages_are_counted_and_the_queue_gauges_drain(spool_relay
 
 # -- SPEC 9 x 2.4 x 12: who sent it survives the queue ----------------------------
 
-def test_9_12_user_peer_and_tls_survive_the_queue_behind_proxy(
+def test_9_user_peer_and_tls_survive_the_queue_behind_proxy(
         spool_relay, certs, sink, webhook, tmp_path, relay_log):
     calls = []
 
@@ -202,7 +202,7 @@ def _proxied_auth(relay, certs, client, password):
         return t.cmd(plain("alice", password))
 
 
-def test_2_4_12_auth_penalty_is_per_real_client_behind_proxy(relay_factory, certs, tmp_path, relay_log):
+def test_2_4_auth_penalty_is_per_real_client_behind_proxy(relay_factory, certs, tmp_path, relay_log):
     users = write_users(tmp_path / "users", {"alice": (PASSWORD, None)})
     relay = relay_factory(listen="starttls://127.0.0.1:0", local_cert=certs.cert_path,
                           local_key=certs.key_path, allowed_users=users, proxy_nets="127.0.0.0/8",
@@ -217,7 +217,7 @@ def test_2_4_12_auth_penalty_is_per_real_client_behind_proxy(relay_factory, cert
     assert [w["client"] for w in warnings] == [CLIENT]
 
 
-def test_12_6_session_lines_behind_proxy_carry_the_client_address_and_port(relay_factory, relay_log):
+def test_12_session_lines_behind_proxy_carry_the_client_address_and_port(relay_factory, relay_log):
     relay = relay_factory(proxy_nets="127.0.0.0/8", allowed_nets=ALLOWED)
     with Talk(relay.port) as t:
         t.send(v1(CLIENT, sport=40123))
@@ -265,7 +265,7 @@ def test_6_check_prints_every_capability_and_masks_every_secret(tmp_path):
         assert secret not in result.stdout + result.stderr
 
 
-def test_10_11_test_remotes_checks_every_failover_member_and_file_remote(tmp_path, sink_factory):
+def test_10_test_remotes_checks_every_failover_member_and_file_remote(tmp_path, sink_factory):
     live, backup = sink_factory(), sink_factory()
     dead = _dead_url()
     (tmp_path / "outbox").mkdir()
