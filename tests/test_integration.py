@@ -423,3 +423,19 @@ def test_6_sigterm_with_everything_on_exits_0_and_keeps_the_queue(
     assert "Traceback" not in relay.stderr
     assert "stopped" in relay.stderr
     assert len(files(relay.spool_dir)) == 2
+
+
+def test_9_always_mode_hands_a_failover_group_to_the_background(spool_relay, sink, relay_log):
+    dead = _dead_url()
+    relay = spool_relay(remotes=_group(dead, sink.url()), spool_mode="always", metrics_listen="127.0.0.1:0")
+    before = Scrape(relay)
+    assert _is_queued(*send(relay, ["b@one.test"]))
+    assert wait_until(lambda: queue_empty(relay) and len(sink.box) == 1)
+    after = Scrape(relay)
+    assert after.value("smtprelay_messages_total", result="queued") - before.value(
+        "smtprelay_messages_total", result="queued") == 1
+    assert after.value("smtprelay_messages_total", result="delivered") == before.value(
+        "smtprelay_messages_total", result="delivered")
+    retry = _records(relay_log, "retry")[-1]
+    assert (retry["attempt"], retry["result"]) == (1, "ok")
+    assert retry["remote"].startswith("%s 451; %s 250 " % (dead, sink.url()))
