@@ -439,3 +439,32 @@ def test_9_always_mode_hands_a_failover_group_to_the_background(spool_relay, sin
     retry = _records(relay_log, "retry")[-1]
     assert (retry["attempt"], retry["result"]) == (1, "ok")
     assert retry["remote"].startswith("%s 451; %s 250 " % (dead, sink.url()))
+
+
+def test_6_stop_during_a_token_fetch_for_a_waiting_client_queues_and_answers(
+        spool_relay, endpoint, upstream_factory):  # noqa: F811
+    upstream = upstream_factory()
+    endpoint.mode, endpoint.delay = "slow", 5.0
+    relay = spool_relay(remotes=upstream.url(), remote_timeout="1s", **oauth_options(endpoint))
+    answers = []
+
+    def one_message():
+        client = smtplib.SMTP(relay.host, relay.port, timeout=10)
+        try:
+            client.ehlo("client.test")
+            client.mail("app@example.com")
+            client.rcpt("b@example.org")
+            answers.append(client.data(MESSAGE))
+            answers.append(client.noop())
+        finally:
+            client.close()
+    client = threading.Thread(target=one_message)
+    client.start()
+    assert wait_until(lambda: endpoint.requests == 1)  # the client waits on the token fetch
+    relay.stop()
+    client.join(10)
+    # The message gets its reply; then, between transactions, the session is
+    # told the relay is shutting down.
+    assert len(answers) == 2 and _is_queued(*answers[0])
+    assert answers[1] == (421, b"4.3.2 Shutting down")
+    assert len(files(relay.spool_dir)) == 2 and upstream.box == []
