@@ -468,3 +468,28 @@ def test_6_stop_during_a_token_fetch_for_a_waiting_client_queues_and_answers(
     assert len(answers) == 2 and _is_queued(*answers[0])
     assert answers[1] == (421, b"4.3.2 Shutting down")
     assert len(files(relay.spool_dir)) == 2 and upstream.box == []
+
+
+def test_11_recipient_refused_for_now_by_a_member_goes_to_the_next_without_spool(relay_factory, sink_factory):
+    first, second = sink_factory(), sink_factory()
+    first.handler.rcpt_reply = {"y@one.test": "451 4.2.1 Mailbox busy"}
+    relay = relay_factory(remotes=_group(first.url(), second.url()))
+    code, text = send(relay, ["x@one.test", "y@one.test"])
+    assert code == 250 and not text.endswith(b" queued")
+    assert [m.rcpt_tos for m in second.box] == [["x@one.test", "y@one.test"]]
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "remotes.deliver: with the spool on, delivery's send() records a member's one-by-one 4xx "
+    "refusal in the pair and returns normally, and deliver() then drops every recipient it sent "
+    "from `pending`, so the next member is never tried for the refused one (SPEC 11: a 4xx goes "
+    "to the next member); it waits in the queue for the same member instead"))
+def test_11_recipient_refused_for_now_by_a_member_goes_to_the_next_with_spool(spool_relay, sink_factory):
+    first, second = sink_factory(), sink_factory()
+    first.handler.rcpt_reply = {"y@one.test": "451 4.2.1 Mailbox busy"}
+    relay = spool_relay(remotes=_group(first.url(), second.url()), queue_retry_min="1h",
+                        queue_retry_max="1h")
+    code, text = send(relay, ["x@one.test", "y@one.test"])
+    assert [m.rcpt_tos for m in first.box] == [["x@one.test"]]
+    assert [m.rcpt_tos for m in second.box] == [["y@one.test"]]
+    assert code == 250 and not text.endswith(b" queued")
