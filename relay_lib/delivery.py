@@ -19,7 +19,7 @@ from datetime import datetime, timezone
 from email.utils import format_datetime
 from typing import Dict, List, Optional, Tuple
 
-from . import metrics, oauth, remotes, replies, webhook
+from . import metrics, oauth, outbox, remotes, replies, upstream, webhook
 from .config import Settings
 from .logs import fields, log
 from .policy import Aliases
@@ -265,7 +265,7 @@ class Delivery:
 
         def send(remote: remotes.Remote, rcpts: List[str]) -> str:
             if remote.scheme == "file":
-                remotes.write_file(remote.path, env.id, self._envelope_json(env, rcpts, message), message)
+                outbox.write_file(remote.path, env.id, self._envelope_json(env, rcpts, message), message)
                 outcome = "ok"
             else:
                 refused: Optional[Dict[str, tuple]] = {} if keep_going else None
@@ -353,14 +353,14 @@ class Delivery:
                 "received_at": _utc(env.received_at)}
 
 
-def make_dispatcher(settings: Settings) -> remotes.Dispatcher:
+def make_dispatcher(settings: Settings) -> upstream.Dispatcher:
     """The remote connection pool, with the OAuth token source when a remote needs one."""
     tokens = None
     if any(r.auth == "xoauth2" for r in settings.remotes):
         tokens = oauth.TokenSource(settings.oauth_token_url, settings.oauth_client_id,
                                    settings.oauth_client_secret, settings.oauth_scope,
                                    settings.oauth_refresh_token, settings.remote_timeout)
-    return remotes.Dispatcher(
+    return upstream.Dispatcher(
         settings.hostname, settings.remote_timeout,
         client_cert=settings.remote_certificate, client_key=settings.remote_key,
         pool_size=settings.remote_pool_size, pool_idle=settings.remote_pool_idle,
@@ -391,9 +391,9 @@ def remote_reply(remote: remotes.Remote, exc: BaseException) -> Reply:
     code, text = remotes.failure_code(exc)
     if not 500 <= code <= 599:
         return replies.FORWARD_TEMPFAIL
-    words = remotes.reply_text(text).split(" ", 1)
+    words = upstream.reply_text(text).split(" ", 1)
     enhanced = "%d.0.0" % (code // 100)
-    if words[0][:2] == "5." and remotes.is_enhanced_code(words[0]):
+    if words[0][:2] == "5." and replies.is_enhanced_code(words[0]):
         enhanced = words[0]
         words = words[1:]
     return replies.remote_refused(code, enhanced, remote.host, " ".join(words))
@@ -402,9 +402,9 @@ def remote_reply(remote: remotes.Remote, exc: BaseException) -> Reply:
 def _describe(exc: BaseException) -> str:
     if isinstance(exc, smtplib.SMTPRecipientsRefused):
         return "recipient refused: %s" % "; ".join(
-            "%s %d %s" % (rcpt, code, remotes.reply_text(text)) for rcpt, (code, text) in exc.recipients.items())
+            "%s %d %s" % (rcpt, code, upstream.reply_text(text)) for rcpt, (code, text) in exc.recipients.items())
     if isinstance(exc, smtplib.SMTPResponseException):
-        return "%s: %d %s" % (type(exc).__name__, exc.smtp_code, remotes.reply_text(exc.smtp_error))
+        return "%s: %d %s" % (type(exc).__name__, exc.smtp_code, upstream.reply_text(exc.smtp_error))
     return "%s: %s" % (type(exc).__name__, str(exc) or "no detail")
 
 

@@ -5,15 +5,22 @@ text. Must not know about sessions or sockets: it only builds values.
 """
 
 import functools
+import re
 from typing import NamedTuple
 
 _CONTROL = {c: " " for c in range(32)}
 _CONTROL[127] = " "
+_ENHANCED_CODE = re.compile(r"^[245]\.\d{1,3}\.\d{1,3}$")  # [R3463 2]
 
 
 def clean_echo(text: str) -> str:
     """Replace every control character with a space (SPEC 3.2)."""
     return text.translate(_CONTROL)
+
+
+def is_enhanced_code(word: str) -> bool:
+    """True for an RFC 3463 status code such as `5.1.1`."""
+    return _ENHANCED_CODE.match(word) is not None
 
 
 class Reply(NamedTuple):

@@ -18,7 +18,7 @@ import time
 from datetime import datetime, timezone
 from typing import Dict, List, Optional, Tuple
 
-from . import dsn, metrics, remotes, replies
+from . import dsn, metrics, outbox, remotes, replies
 from .config import ConfigError, Settings
 from .delivery import (DELIVERED, DISCARDED, PENDING, REFUSED, Delivery, Envelope, Job, Pair,
                        new_message_id)
@@ -301,12 +301,12 @@ class Spool:
         written: List[str] = []
         try:
             if self._group is None:
-                remotes.atomic_write(eml, job.message)
-                remotes.atomic_write(path, state)  # the state file is what makes it queued
+                outbox.atomic_write(eml, job.message)
+                outbox.atomic_write(path, state)  # the state file is what makes it queued
                 sync_folder(self.queue_dir)
             else:
-                written.append(remotes.write_temporary(eml, job.message, sync=False))
-                written.append(remotes.write_temporary(path, state, sync=False))
+                written.append(outbox.write_temporary(eml, job.message, sync=False))
+                written.append(outbox.write_temporary(path, state, sync=False))
                 self._group.sync()  # both contents are on disk before either name
                 os.replace(written[0], eml)
                 os.replace(written[1], path)
@@ -346,7 +346,7 @@ class Spool:
         for name in sorted(names):
             path = os.path.join(self.queue_dir, name)
             stem, ext = os.path.splitext(name)
-            if name.startswith(remotes.TEMP_PREFIX):
+            if name.startswith(outbox.TEMP_PREFIX):
                 _unlink(path)
                 log.info("removed a half-written queue file", extra=fields(file=name))
             elif ext == ".eml" and stem + ".json" not in names:
@@ -482,9 +482,9 @@ class Spool:
         if job.pending():
             due = min(time.time() + self._delay(attempts), created + self.settings.queue_lifetime)
             if job.message is not message:
-                remotes.atomic_write(eml, job.message)  # the webhook replaced it
+                outbox.atomic_write(eml, job.message)  # the webhook replaced it
             state = _encode(_state(job, created, attempts, due))
-            remotes.atomic_write(path, state)
+            outbox.atomic_write(path, state)
             sync_folder(self.queue_dir)
             self._bounce(job, fresh)
             with self._cond:
@@ -493,7 +493,7 @@ class Spool:
             self._reschedule(entry, due)
             return
         if any(p.state == REFUSED for p in job.pairs):
-            remotes.atomic_write(path, _encode(_state(job, created, attempts, 0)))
+            outbox.atomic_write(path, _encode(_state(job, created, attempts, 0)))
             move(self.settings, entry.id, FAILED)
             self._bounce(job, fresh)
         else:
@@ -547,7 +547,7 @@ def list_queue(settings: Settings) -> List[str]:
     names = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
     lines, count, total, now = [], 0, 0, time.time()
     for name in names:
-        if not name.endswith(".json") or name.startswith(remotes.TEMP_PREFIX):
+        if not name.endswith(".json") or name.startswith(outbox.TEMP_PREFIX):
             continue
         path = os.path.join(folder, name)
         try:
@@ -589,7 +589,7 @@ def delete(settings: Settings, target: str) -> Tuple[int, str]:
     folder, failed = _folder(settings, QUEUE), _folder(settings, FAILED)
     if target == "ALL":
         ids = sorted(n[:-len(".json")] for n in os.listdir(folder)
-                     if n.endswith(".json") and not n.startswith(remotes.TEMP_PREFIX))
+                     if n.endswith(".json") and not n.startswith(outbox.TEMP_PREFIX))
     elif os.path.exists(os.path.join(folder, target + ".json")) and os.path.basename(target) == target:
         ids = [target]
     else:

@@ -1,9 +1,8 @@
 """SPEC 2.2 on Windows: paths in the ini with backslashes and drive letters.
 
-No Windows machine runs these tests, so they give config.py and remotes.py
-Windows path rules instead: their module attribute `os` is replaced by a
-stand-in whose `path` is `ntpath` (the module `os.path` is on Windows), whose
-working directory is C:\\Windows\\system32 (where a service starts) and whose
+No Windows machine runs these tests, so they give config.py Windows path
+rules instead: its module attribute `os` is replaced by a stand-in whose
+`path` is `ntpath` (the module `os.path` is on Windows), whose working directory is C:\\Windows\\system32 (where a service starts) and whose
 file system holds only the files a test names. The ini text itself is real
 (BOM and CRLF, as Notepad writes it) and goes through the real parser.
 
@@ -14,15 +13,15 @@ from types import SimpleNamespace
 
 import pytest
 
-from relay_lib import config, remotes
+from relay_lib import config
 
 SYSTEM32 = "C:\\Windows\\system32"
 INI = "C:\\relay\\smtprelay.ini"
 
 
 class WindowsOs:
-    """The parts of `os` that config.py and remotes.parse_remote use, with
-    Windows semantics. An attribute missing here fails the test loudly."""
+    """The parts of `os` that config.py uses, with Windows semantics. An
+    attribute missing here fails the test loudly."""
 
     name = "nt"
     sep = "\\"
@@ -49,7 +48,6 @@ def windows(monkeypatch, tmp_path):
     def load(ini_text, files=(), config_path=INI, cwd=SYSTEM32, flags=None):
         fake = WindowsOs(cwd, files)
         monkeypatch.setattr(config, "os", fake)
-        monkeypatch.setattr(remotes, "os", fake)
         ini = tmp_path / "smtprelay.ini"
         ini.write_bytes(b"\xef\xbb\xbf" + ini_text.replace("\n", "\r\n").encode("utf-8"))
         opened = []

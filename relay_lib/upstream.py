@@ -1,0 +1,728 @@
+"""Upstream: talking SMTP to a remote (SPEC 5.3, 10, 11).
+
+Owns the `Dispatcher` (a pool of greeted, secured and authenticated
+smtplib connections per remote), the whole-reply reader, the greeting probe,
+AUTH PLAIN/LOGIN/XOAUTH2, the `-test-remotes` probe and how a remote's reply
+text is cleaned. Must not choose remotes or map failures to client replies:
+it takes one remote, an envelope and bytes, and raises on failure.
+"""
+
+import re
+import select
+import smtplib
+import socket
+import ssl
+import struct
+import sys
+import threading
+import time
+from typing import Dict, List, Optional, Tuple
+
+from . import metrics
+from .outbox import check_folder
+from .remotes import Remote, failure_code, is_loopback
+from .replies import is_enhanced_code
+
+# Strategy: `Dispatcher.send` runs one SMTP transaction on an smtplib
+# connection taken from a small per-remote pool of connections that already
+# did EHLO, STARTTLS and AUTH. A reused connection idle for more than
+# TRUST_RECENT seconds first passes a zero-wait readability check (a closed or
+# timed-out connection is readable: EOF or an unsolicited 421). When the remote
+# advertises PIPELINING [R2920], MAIL/RCPT/DATA go out in one write and
+# the replies are read in order; otherwise one command at a time. Both paths
+# judge the replies with the same code and stop at the first failure, and
+# every failure closes the connection instead of returning it to the pool.
+# A reused connection that turns out dead, or answers 421, before the body
+# was sent is retried once on a fresh connection: nothing was delivered yet.
+# Failures are raised as smtplib exceptions; delivery maps them to replies.
+
+_DOT_LINE = re.compile(rb"(?m)^\.")
+# Plain connections on Linux: kernel send/receive timeouts, as in wire.py.
+KERNEL_TIMEOUTS = sys.platform.startswith("linux")
+TRUST_RECENT = 2.0  # seconds since its last use in which a pooled connection skips the liveness check
+_QUIT_TIMEOUT = 2.0  # seconds to hand a QUIT to the kernel when closing
+_REPLY_TEXT_MAX = 300  # characters of a remote reply kept; a reply line stays under 512 [R5321 4.5.3.1.5]
+# A remote silent this long after connecting (and at most half of
+# remote_timeout) is asked for a TLS handshake: a greeting that never comes
+# is what a smtp:// or starttls:// remote that wants implicit TLS looks like.
+GREETING_PROBE = 10.0
+# Port 25 servers may delay their greeting on purpose (Postfix postscreen,
+# tarpits) and block a client that speaks first: never probe there.
+NO_GREETING_PROBE_PORTS = (25,)
+_MAX_REPLY_LINE = 8192  # as smtplib's _MAXLINE
+# What OpenSSL says when a "TLS" server answers in plain text (an SMTP greeting).
+_PLAIN_TEXT_ANSWERS = ("WRONG_VERSION_NUMBER", "RECORD_LAYER_FAILURE", "PACKET_LENGTH_TOO_LONG",
+                       "UNKNOWN_PROTOCOL", "HTTP_REQUEST")
+
+
+class SetupFailed(smtplib.SMTPException):
+    """Greeting, EHLO, STARTTLS or AUTH towards a remote failed: always
+    temporary (SPEC 4.1).
+
+    A 5xx answer before MAIL is about this relay (its address, configuration
+    or TLS setup), not about the message, so it must not bounce the message.
+    """
+
+
+class _TokenRefused(SetupFailed):
+    """AUTH XOAUTH2 got 535 with a cached token: it may have been revoked (SPEC 10)."""
+
+    def __init__(self, token, text: str):
+        super().__init__(text)
+        self.token = token
+
+
+class _Stale(Exception):
+    """A pooled connection turned out dead before the remote saw the message."""
+
+
+class _ReplyReader:
+    """Reply lines from one socket, each whole reply within one deadline.
+
+    Replaces smtplib's buffered file: its timeout bounds each recv, so a remote
+    trickling a byte a second would hold the client for as long as it liked.
+    The first recv of a reply keeps the socket's own timeout (no system call
+    in the usual case); later ones get what is left of the deadline.
+    """
+
+    def __init__(self, sock: socket.socket):
+        self.sock = sock
+        self.shortened = False  # the socket's timeout was cut to fit a deadline
+        self._buf = bytearray()
+
+    def readline(self, deadline: float, limit: float) -> bytes:
+        """The next line with its LF; b"" at EOF; at most _MAX_REPLY_LINE + 1 octets.
+
+        Raises:
+            socket.timeout: the deadline passed.
+            OSError: the connection failed.
+        """
+        buf = self._buf
+        while True:
+            end = buf.find(b"\n")
+            if end >= 0 or len(buf) > _MAX_REPLY_LINE:
+                cut = end + 1 if end >= 0 else _MAX_REPLY_LINE + 1
+                line = bytes(buf[:cut])
+                del buf[:cut]
+                return line
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise socket.timeout("no complete reply within %gs" % limit)
+            if remaining < limit:
+                _recv_limit(self.sock, remaining)
+                self.shortened = True
+            try:
+                chunk = self.sock.recv(65536)
+            except (socket.timeout, BlockingIOError):  # BlockingIOError: SO_RCVTIMEO expired
+                raise socket.timeout("no complete reply within %gs" % limit) from None
+            if not chunk:
+                return b""
+            buf += chunk
+
+    def close(self) -> None:
+        self._buf.clear()
+
+
+def _recv_limit(sock: socket.socket, seconds: float) -> None:
+    if sock.gettimeout() is None:  # kernel timeouts, see _use_kernel_timeouts
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(seconds))
+    else:
+        sock.settimeout(seconds)
+
+
+class _WholeReplies:
+    """smtplib with getreply() bounded as a whole by the timeout (SPEC 5.3)."""
+
+    def getreply(self):
+        if self.sock is None:
+            raise smtplib.SMTPServerDisconnected("not connected")
+        if not isinstance(self.file, _ReplyReader) or self.file.sock is not self.sock:
+            self.file = _ReplyReader(self.sock)  # a new one after STARTTLS: no plaintext carried over
+        deadline = time.monotonic() + self.timeout
+        lines = []
+        try:
+            while True:
+                line = self.file.readline(deadline, self.timeout)
+                if not line:
+                    raise smtplib.SMTPServerDisconnected("Connection unexpectedly closed")
+                if len(line) > _MAX_REPLY_LINE:
+                    raise smtplib.SMTPResponseException(500, "Line too long.")
+                lines.append(line[4:].strip(b" \t\r\n"))
+                if not line[:3].isdigit():
+                    code = -1
+                    break
+                code = int(line[:3])
+                if line[3:4] != b"-":
+                    break
+        except OSError as exc:
+            self.close()
+            if isinstance(exc, smtplib.SMTPException):
+                raise
+            raise smtplib.SMTPServerDisconnected("Connection unexpectedly closed: %s" % exc) from None
+        finally:
+            if self.sock is not None and self.file.shortened:
+                _recv_limit(self.sock, self.timeout)  # for the next reply's first recv
+                self.file.shortened = False
+        return code, b"\n".join(lines)
+
+
+class _Client(_WholeReplies, smtplib.SMTP):
+    """smtp:// and starttls:// remotes."""
+
+    def _get_socket(self, host, port, timeout):
+        sock = super()._get_socket(host, port, timeout)
+        if port in NO_GREETING_PROBE_PORTS:
+            return sock
+        try:
+            _await_greeting(sock, timeout, host, port)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+
+class _ClientTLS(_WholeReplies, smtplib.SMTP_SSL):
+    """tls:// and smtps:// remotes."""
+
+    def _get_socket(self, host, port, timeout):
+        try:
+            return super()._get_socket(host, port, timeout)
+        except ssl.SSLError as exc:
+            if getattr(exc, "reason", None) in _PLAIN_TEXT_ANSWERS:
+                raise SetupFailed("%s:%d answered in plain text, not TLS: it expects STARTTLS "
+                                  "(use starttls:// or smtp://)" % (host, port)) from None
+            raise
+
+
+def _await_greeting(sock: socket.socket, timeout: float, host: str, port: int) -> None:
+    """Wait for the greeting's first byte; when none comes, tell a remote that
+    wants implicit TLS apart by offering it a handshake (see GREETING_PROBE).
+
+    Raises:
+        SetupFailed: no greeting: the remote wants TLS at once, answered the
+            probe in plain text, or stayed mute for the whole timeout.
+    """
+    wait = min(GREETING_PROBE, timeout / 2)
+    readable, _, _ = select.select([sock], [], [], wait)
+    if readable:
+        return
+    probe = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    probe.check_hostname = False
+    probe.verify_mode = ssl.CERT_NONE
+    try:
+        with probe.wrap_socket(sock.dup(), do_handshake_on_connect=False) as tls:
+            tls.settimeout(timeout - wait)
+            tls.do_handshake()
+    except socket.timeout:
+        raise SetupFailed("%s:%d sent no greeting: timed out after %gs" % (host, port, timeout)) from None
+    except (ssl.SSLError, OSError):
+        raise SetupFailed("%s:%d sent no greeting within %gs" % (host, port, wait)) from None
+    raise SetupFailed("%s:%d sent no greeting but answered a TLS handshake: it expects implicit "
+                      "TLS (use tls:// or smtps://)" % (host, port))
+
+
+class _Conn:
+    """One open, greeted, authenticated smtplib connection.
+
+    `in_step` is False while the remote may still owe replies or wait for
+    a body; only a connection in step is closed with QUIT.
+    """
+
+    __slots__ = ("smtp", "pipelining", "last_used", "in_step")
+
+    def __init__(self, smtp: smtplib.SMTP):
+        self.smtp = smtp
+        self.pipelining = smtp.has_extn("pipelining")
+        self.last_used = time.monotonic()
+        self.in_step = True
+
+    def looks_alive(self) -> bool:
+        """True unless the socket is readable, which means EOF or an unsolicited reply."""
+        sock = self.smtp.sock
+        if sock is None:
+            return False
+        try:
+            readable, _, _ = select.select([sock], [], [], 0)
+        except (OSError, ValueError):
+            return False
+        return not readable
+
+    def close(self, polite: bool = False) -> None:
+        _close(self.smtp, polite)
+
+
+def _close(smtp: smtplib.SMTP, polite: bool) -> None:
+    """Close; `polite` sends QUIT first without waiting for its reply.
+
+    Waiting for 221 would cost a round trip while a client waits for its
+    own reply, and the answer changes nothing [R5321 4.1.1.10].
+    """
+    try:
+        if polite and smtp.sock is not None:
+            smtp.sock.settimeout(_QUIT_TIMEOUT)
+            smtp.sock.sendall(b"QUIT\r\n")
+    except OSError:
+        pass  # the remote went away first; closing below is all that is left
+    finally:
+        smtp.close()
+
+
+class Dispatcher:
+    """Sends messages to SMTP remotes over pooled smtplib connections.
+
+    Thread-safe: each connection is used by one thread at a time. At most
+    `pool_size` idle connections are kept per remote (0 disables reuse); a
+    connection idle longer than `pool_idle` seconds is closed. A remote that
+    could not be connected to, greeted, TLS-upgraded or authenticated is
+    down (`is_down`) for `failover_skip` seconds, or until it works again.
+    """
+
+    def __init__(self, hostname: str, timeout: float, client_cert: Optional[str] = None,
+                 client_key: Optional[str] = None, pool_size: int = 20, pool_idle: float = 30.0,
+                 failover_skip: float = 30.0, tokens=None):
+        self.hostname = hostname
+        # The OAuth token source of auth=xoauth2 remotes (oauth.TokenSource):
+        # get() returns (token, fetched by this call) or raises OSError; drop(token).
+        self.tokens = tokens
+        self.timeout = timeout
+        self.pool_size = pool_size
+        self.pool_idle = pool_idle
+        self.failover_skip = failover_skip
+        # Remote -> monotonic time until which it is skipped. Each read and
+        # write is one atomic dict operation: no lock needed.
+        self._down: Dict[Remote, float] = {}
+        # One context per verification mode, built once: creating a context
+        # loads the system trust store, far too slow to do per message.
+        self._contexts = {flag: _client_context(flag, client_cert, client_key)
+                          for flag in (False, True)}
+        self._idle: Dict[Remote, List[_Conn]] = {}
+        self._lock = threading.Lock()
+        self._closed = False
+        self._stop = threading.Event()
+        self._reaper: Optional[threading.Thread] = None
+
+    def send(self, remote: Remote, sender: str, rcpts: List[str], message: bytes,
+             refused: Optional[Dict[str, Tuple[int, bytes]]] = None) -> str:
+        """Send one message to `rcpts` through `remote`; returns the remote's final reply.
+
+        With a `refused` dict, a recipient the remote refuses is recorded
+        there and the others still get the message; only when every one is
+        refused does it raise SMTPRecipientsRefused, naming them all.
+
+        `message` has CRLF line ends and is sent byte for byte (dot-stuffed on
+        the wire [R5321 4.5.2]). `remote.sender`, when set, replaces `sender`.
+        The outcome and the time it took go to the remote metrics (SPEC 12).
+
+        Raises:
+            smtplib.SMTPResponseException: the remote refused with this reply
+                (SMTPSenderRefused, SMTPDataError, SMTPConnectError, SMTPHeloError).
+            smtplib.SMTPRecipientsRefused: a recipient was refused; one refusal fails the
+                message (without `refused`).
+            SetupFailed, OSError: STARTTLS or AUTH failed, connection refused,
+                dropped or timed out (smtplib.SMTPException is an OSError).
+        """
+        started = time.monotonic()
+        try:
+            reply = self._send(remote, sender, rcpts, message, refused)
+        except Exception as exc:
+            _count(remote, "rejected" if 500 <= failure_code(exc)[0] <= 599 else "tempfailed", started)
+            raise
+        _count(remote, "delivered", started)
+        return reply
+
+    def _send(self, remote: Remote, sender: str, rcpts: List[str], message: bytes,
+              refused: Optional[dict]) -> str:
+        """send() without the counting: a pooled connection when one is idle, else a new one."""
+        if remote.sender is not None:
+            sender = remote.sender
+        conn = self._checkout(remote)
+        if conn is not None:
+            try:
+                reply = _transaction(conn, sender, rcpts, message, reused=True, refused=refused)
+            except _Stale:
+                conn.close()  # closed by the remote while idle: nothing was sent, retry
+                if refused:
+                    refused.clear()
+            except BaseException:
+                conn.close(polite=conn.in_step)
+                raise
+            else:
+                self._checkin(remote, conn)
+                return reply
+        try:
+            conn = self._open(remote)
+        except Exception:
+            self._down[remote] = time.monotonic() + self.failover_skip
+            raise
+        if self._down:
+            self._down.pop(remote, None)
+        try:
+            reply = _transaction(conn, sender, rcpts, message, reused=False, refused=refused)
+        except BaseException:
+            conn.close(polite=conn.in_step)
+            raise
+        self._checkin(remote, conn)
+        return reply
+
+    def close(self) -> None:
+        """Close every idle connection (with QUIT) and stop the idle reaper."""
+        with self._lock:
+            self._closed = True
+            idle, self._idle = self._idle, {}
+        self._stop.set()
+        for stack in idle.values():
+            for conn in stack:
+                conn.close(polite=True)
+        reaper = self._reaper
+        if reaper is not None and reaper is not threading.current_thread():
+            reaper.join(_QUIT_TIMEOUT)
+
+    def is_down(self, remote: Remote) -> bool:
+        """True while a remote that failed to connect or set up is skipped (SPEC 11)."""
+        return self._down.get(remote, 0.0) > time.monotonic()
+
+    def idle_count(self, remote: Remote) -> int:
+        """How many idle connections the pool holds for remote (for tests and logs)."""
+        with self._lock:
+            return len(self._idle.get(remote, ()))
+
+    def probe(self, remote: Remote) -> Tuple[bool, str]:
+        """Check a remote as -test-remotes does (SPEC 10): connect, EHLO, TLS,
+        AUTH and QUIT, sending no mail; a file: remote must be a writable folder.
+
+        Returns (ok, detail): on failure, the step and what the server answered.
+        """
+        if remote.scheme == "file":
+            try:
+                check_folder(remote.path)
+            except OSError as exc:
+                return False, "folder: %s" % (exc.strerror or exc)
+            return True, "writable folder"
+        steps: List[str] = []
+        try:
+            conn = self._open(remote, steps)
+        except OSError as exc:  # SetupFailed and every smtplib error are OSErrors
+            return False, "%s: %s" % (steps[-1], _why(exc))
+        try:
+            code, text = conn.smtp.docmd("QUIT")
+        except OSError as exc:
+            return False, "QUIT: %s" % _why(exc)
+        finally:
+            conn.smtp.close()
+        if code != 221:
+            return False, "QUIT: %d %s" % (code, reply_text(text))
+        return True, "ok"
+
+    def _open(self, remote: Remote, steps: Optional[List[str]] = None) -> _Conn:
+        steps = [] if steps is None else steps
+        try:
+            return self._connect(remote, steps, retry=True)
+        except _TokenRefused as exc:
+            # SPEC 10: a cached token refused with 535 may have been revoked:
+            # forget it, then once more with a new token on a new connection.
+            self.tokens.drop(exc.token)
+            return self._connect(remote, steps, retry=False)
+
+    def _token(self):
+        if self.tokens is None:
+            raise SetupFailed("auth=xoauth2 needs oauth_token_url and oauth_client_id")
+        try:
+            return self.tokens.get()
+        except OSError as exc:
+            raise SetupFailed(str(exc)) from None  # temporary, like any setup failure (SPEC 10)
+
+    def _connect(self, remote: Remote, steps: List[str], retry: bool) -> _Conn:
+        """Connect, greet, secure and authenticate; `steps` records how far it got."""
+        token, fetched = None, False
+        if remote.auth == "xoauth2":
+            steps.append("token")
+            token, fetched = self._token()
+        context = self._contexts[remote.skip_verify]
+        steps.append("TLS connect" if remote.implicit_tls else "connect")
+        try:
+            if remote.implicit_tls:
+                smtp = _ClientTLS(remote.host, remote.port, local_hostname=self.hostname,
+                                  timeout=self.timeout, context=context)
+            else:
+                smtp = _Client(remote.host, remote.port, local_hostname=self.hostname,
+                               timeout=self.timeout)
+        except smtplib.SMTPConnectError as exc:
+            # A refused greeting (554 no service, a blocklisted relay IP) is a
+            # refused connection: 451, never a bounce of every message (SPEC 4.1).
+            raise SetupFailed("greeting refused: %d %s" % (exc.smtp_code, reply_text(exc.smtp_error))) from None
+        try:
+            steps.append("EHLO")
+            _hello(smtp)
+            if not remote.implicit_tls:
+                if smtp.has_extn("starttls"):
+                    steps.append("STARTTLS")
+                    try:
+                        smtp.starttls(context=context)
+                    except smtplib.SMTPResponseException as exc:
+                        raise SetupFailed("STARTTLS refused: %d %s" % (exc.smtp_code, reply_text(exc.smtp_error)))
+                    _hello(smtp)  # [R3207 4.2]: forget what was said before TLS
+                elif remote.scheme == "starttls":
+                    raise SetupFailed("STARTTLS required but not offered")
+            if remote.username is not None:
+                steps.append("AUTH")
+                if not isinstance(smtp.sock, ssl.SSLSocket) and not is_loopback(remote.host):
+                    # As Go's net/smtp: never send a password in the clear over a network.
+                    raise SetupFailed("refusing to AUTH without TLS (remote offered no STARTTLS)")
+                smtp.user, smtp.password = remote.username, remote.password or ""
+                try:
+                    if token is not None:
+                        _auth_xoauth2(smtp, remote.username, token)
+                    elif remote.auth == "login":
+                        smtp.auth("LOGIN", smtp.auth_login, initial_response_ok=False)
+                    else:
+                        smtp.auth("PLAIN", smtp.auth_plain)
+                except smtplib.SMTPResponseException as exc:
+                    text = "AUTH %s refused: %d %s" % (remote.auth.upper(), exc.smtp_code,
+                                                       reply_text(exc.smtp_error))
+                    if exc.smtp_code == 535 and token is not None and retry and not fetched:
+                        raise _TokenRefused(token, text)
+                    raise SetupFailed(text)
+                finally:
+                    smtp.password = ""  # not needed again on this connection
+        except BaseException as exc:
+            # A refusal before MAIL leaves the remote waiting for a command: say goodbye.
+            _close(smtp, polite=isinstance(exc, SetupFailed))
+            raise
+        if KERNEL_TIMEOUTS and not isinstance(smtp.sock, ssl.SSLSocket):
+            _use_kernel_timeouts(smtp.sock, self.timeout)
+        return _Conn(smtp)
+
+    def _checkout(self, remote: Remote) -> Optional[_Conn]:
+        if self.pool_size <= 0:
+            return None
+        while True:
+            with self._lock:
+                stack = self._idle.get(remote)
+                conn = stack.pop() if stack else None
+            if conn is None:
+                return None
+            idle = time.monotonic() - conn.last_used
+            # A connection used a moment ago is taken on trust (saves a
+            # system call per message); if it died after all, send() retries.
+            if idle <= TRUST_RECENT or (idle <= self.pool_idle and conn.looks_alive()):
+                return conn
+            conn.close()
+
+    def _checkin(self, remote: Remote, conn: _Conn) -> None:
+        conn.last_used = time.monotonic()
+        with self._lock:
+            keep = not self._closed and self.pool_size > 0
+            stack = self._idle.setdefault(remote, []) if keep else []
+            keep = keep and len(stack) < self.pool_size
+            if keep:
+                stack.append(conn)
+                if self._reaper is None:
+                    self._reaper = threading.Thread(target=self._reap, name="smtprelay-pool-reaper",
+                                                    daemon=True)
+                    self._reaper.start()
+        if not keep:
+            conn.close(polite=True)
+
+    def _reap(self) -> None:
+        """Close connections idle longer than pool_idle, or closed by the remote meanwhile."""
+        period = max(self.pool_idle / 2, 0.05)
+        while not self._stop.wait(period):
+            limit = time.monotonic() - self.pool_idle
+            expired = []
+            with self._lock:
+                for stack in self._idle.values():
+                    keep = [c for c in stack if c.last_used >= limit and c.looks_alive()]
+                    expired.extend(c for c in stack if c not in keep)
+                    stack[:] = keep
+            for conn in expired:
+                conn.close(polite=True)
+
+
+def _count(remote: Remote, outcome: str, started: float) -> None:
+    seconds = time.monotonic() - started
+    endpoint = remote.endpoint
+    metrics.REMOTE_DELIVERIES.labels(endpoint, outcome).inc()
+    metrics.REMOTE_SECONDS.labels(endpoint).observe(seconds)
+
+
+def _why(exc: OSError) -> str:
+    """What went wrong, for one -test-remotes line: the OS error text or the reply."""
+    return getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+
+
+def _auth_xoauth2(smtp: smtplib.SMTP, user: str, token) -> None:
+    """AUTH XOAUTH2 with the initial response (SPEC 10).
+
+    A refusing server first answers 334 with its error (base64 JSON); an
+    empty line then asks for the final reply.
+
+    Raises:
+        smtplib.SMTPAuthenticationError: the final reply, when not 235.
+    """
+    code, text = smtp.docmd("AUTH", "XOAUTH2 " + token.xoauth2(user))
+    if code == 334:
+        code, text = smtp.docmd("")
+    if code != 235:
+        raise smtplib.SMTPAuthenticationError(code, text)
+
+
+def _use_kernel_timeouts(sock: socket.socket, seconds: float) -> None:
+    """Bound each send and recv by the kernel instead of a poll() before each
+    (see wire.KERNEL_TIMEOUTS); an expired wait ends the connection."""
+    timeval = _timeval(seconds)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
+    sock.settimeout(None)
+
+
+def _timeval(seconds: float) -> bytes:
+    whole = int(seconds)
+    micro = max(int((seconds - whole) * 1e6), 0 if whole else 1)  # a zero timeval waits forever
+    return struct.pack("@ll", whole, micro)
+
+
+def _hello(smtp: smtplib.SMTP) -> None:
+    """EHLO, or HELO; a refusal is about this relay, not the message."""
+    try:
+        smtp.ehlo_or_helo_if_needed()
+    except smtplib.SMTPHeloError as exc:
+        raise SetupFailed("EHLO refused: %d %s" % (exc.smtp_code, reply_text(exc.smtp_error))) from None
+
+
+def _client_context(skip_verify: bool, cert: Optional[str], key: Optional[str]) -> ssl.SSLContext:
+    """TLS towards remotes: system trust store and host name check unless skipVerify."""
+    context = ssl.create_default_context()
+    if skip_verify:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    if cert:
+        context.load_cert_chain(cert, key)
+    return context
+
+
+def reply_text(raw) -> str:
+    """A remote's reply text as one printable line, bounded in length.
+
+    smtplib joins the lines of a multi-line reply with "\\n"; an enhanced
+    code repeated at the start of each continuation line is dropped.
+    """
+    if isinstance(raw, bytes):
+        raw = raw.decode("utf-8", "replace")
+    if "\n" not in raw and raw.isprintable():  # the common case: one plain line
+        return raw[:_REPLY_TEXT_MAX]
+    lines = str(raw).split("\n")
+    first = lines[0].split(None, 1)
+    code = first[0] if first and is_enhanced_code(first[0]) else None
+    rest = [ln.split(None, 1)[1] if code and ln.startswith(code + " ") else ln for ln in lines[1:]]
+    text = " ".join(" ".join([lines[0]] + rest).split())
+    return text[:_REPLY_TEXT_MAX]
+
+
+def _address(addr: str) -> bytes:
+    return ("<%s>" % addr).encode("utf-8")
+
+
+def _transaction(conn: _Conn, sender: str, rcpts: List[str], message: bytes, reused: bool,
+                 refused: Optional[dict] = None) -> str:
+    """One MAIL/RCPT/DATA transaction; raises on the first refusal, or
+    records refused recipients in `refused` (see Dispatcher.send)."""
+    smtp = conn.smtp
+    options = []
+    if smtp.has_extn("size"):
+        options.append(b" SIZE=%d" % len(message))
+    if not message.isascii() and smtp.has_extn("8bitmime"):
+        options.append(b" BODY=8BITMIME")
+    if not (sender.isascii() and all(r.isascii() for r in rcpts)):
+        if not smtp.has_extn("smtputf8"):
+            # Permanent: this remote can never take these addresses [R6531 3.4].
+            raise smtplib.SMTPSenderRefused(553, b"5.6.7 remote does not support SMTPUTF8",
+                                            sender)
+        options.append(b" SMTPUTF8")
+    steps = [("MAIL", b"MAIL FROM:" + _address(sender) + b"".join(options) + b"\r\n", sender)]
+    steps.extend(("RCPT", b"RCPT TO:" + _address(r) + b"\r\n", r) for r in rcpts)
+    steps.append(("DATA", b"DATA\r\n", None))
+    conn.in_step = False
+    # No RSET on a reused connection: only connections whose last transaction
+    # ended in 2xx go back to the pool, and that leaves no state [R5321 4.1.4].
+    # A connection found dead at MAIL was never given the message: retry it.
+    if conn.pipelining:
+        _write(smtp, b"".join(cmd for _, cmd, _ in steps), stale_ok=reused)
+    for index, (verb, cmd, arg) in enumerate(steps):
+        first = verb == "MAIL"
+        if not conn.pipelining:
+            _write(smtp, cmd, stale_ok=reused and first)
+        code, text = _read(smtp, stale_ok=reused and first)
+        if reused and code == 421:
+            # The remote is closing this old connection (idle limit, messages
+            # per connection); no body was sent, so a fresh one may try again.
+            raise _Stale("%s answered 421" % verb)
+        refusal = _refusal(verb, code, text, arg, refused, len(rcpts))
+        if refusal is not None:
+            owed = len(steps) - index - 1 if conn.pipelining else 0
+            conn.in_step = _settle(smtp, owed, code)
+            raise refusal
+    if message.startswith(b".") or b"\n." in message:
+        message = _DOT_LINE.sub(b"..", message)
+    if not message.endswith(b"\r\n"):
+        message += b"\r\n"
+    _write(smtp, message + b".\r\n", stale_ok=False)
+    code, text = _read(smtp, stale_ok=False)
+    conn.in_step = True
+    if not 200 <= code <= 299:
+        raise smtplib.SMTPDataError(code, text)
+    conn.last_used = time.monotonic()
+    return "%d %s" % (code, reply_text(text))
+
+
+def _refusal(verb: str, code: int, text: bytes, arg: Optional[str], refused: Optional[dict],
+             total: int) -> Optional[smtplib.SMTPException]:
+    """The exception for a refused MAIL, RCPT or DATA, or None to go on.
+
+    With a `refused` dict a refused recipient is recorded there instead,
+    and only DATA after every recipient was refused fails (Dispatcher.send).
+    """
+    if verb == "MAIL" and code != 250:
+        return smtplib.SMTPSenderRefused(code, text, arg)
+    if verb == "RCPT" and code not in (250, 251):
+        if refused is None:
+            return smtplib.SMTPRecipientsRefused({arg: (code, text)})
+        refused[arg] = (code, text)
+    elif verb == "DATA" and refused and len(refused) == total:
+        return smtplib.SMTPRecipientsRefused(dict(refused))
+    elif verb == "DATA" and code != 354:
+        return smtplib.SMTPDataError(code, text)
+    return None
+
+
+def _settle(smtp: smtplib.SMTP, owed: int, code: int) -> bool:
+    """After a refusal answered with `code`, read the `owed` replies to
+    commands pipelined after it; True when the remote is back waiting for a
+    command. When DATA was accepted (354) it waits for a body instead, which
+    must never be sent: the only way out is to drop the connection."""
+    try:
+        for _ in range(owed):
+            code, _ = smtp.getreply()
+    except OSError:
+        return False
+    return code != 354
+
+
+def _write(smtp: smtplib.SMTP, data: bytes, stale_ok: bool) -> None:
+    try:
+        smtp.send(data)
+    except smtplib.SMTPServerDisconnected as exc:
+        if stale_ok:
+            raise _Stale(str(exc))
+        raise
+
+
+def _read(smtp: smtplib.SMTP, stale_ok: bool):
+    started = time.monotonic()
+    try:
+        return smtp.getreply()
+    except smtplib.SMTPServerDisconnected as exc:
+        # A dead pooled connection fails at once; one that waited out the
+        # timeout is a slow remote, and retrying would only double the wait.
+        if stale_ok and time.monotonic() - started < smtp.timeout:
+            raise _Stale(str(exc))
+        raise
