@@ -315,10 +315,8 @@ class Delivery:
 
     def _scan(self, env: Envelope, message: bytes) -> webhook.Verdict:
         s = self.settings
-        payload = {"id": env.id, "peer": env.peer, "helo": env.helo, "username": env.user,
-                   "tls": bool(env.tls), "from": env.mail_from, "to": env.rcpts,
-                   "size": len(message), "received_at": _utc(env.received_at),
-                   "message": base64.b64encode(message).decode("ascii")}
+        payload = self._envelope_json(env, env.rcpts, message)
+        payload["message"] = base64.b64encode(message).decode("ascii")
         limit = s.max_message_size * 4 // 3 + WEBHOOK_ANSWER_SLACK
         return webhook.scan(s.webhook_url, payload, s.webhook_secret, s.webhook_timeout, limit,
                             self.webhook_context)
@@ -348,6 +346,7 @@ class Delivery:
 
     @staticmethod
     def _envelope_json(env: Envelope, rcpts: List[str], message: bytes) -> dict:
+        """The envelope as the `file:` remote's .json and the webhook's request carry it."""
         return {"id": env.id, "peer": env.peer, "helo": env.helo, "username": env.user,
                 "tls": bool(env.tls), "from": env.mail_from, "to": rcpts, "size": len(message),
                 "received_at": _utc(env.received_at)}
