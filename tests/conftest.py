@@ -356,6 +356,21 @@ class Downstream:
             self.controller.stop()
 
 
+def stopped_at_teardown(make):
+    """The body of a factory fixture (`yield from`): the factory calls
+    `make(*args, **kw)`, and everything it made is stopped at teardown."""
+    made = []
+
+    def factory(*args, **kw):
+        item = make(*args, **kw)
+        made.append(item)
+        return item
+
+    yield factory
+    for item in made:
+        item.stop()
+
+
 @pytest.fixture
 def sink_factory(certs):
     """Start Downstreams: sink_factory(mode, context=None, auth=..., pipelining=..., host=...).
@@ -363,18 +378,12 @@ def sink_factory(certs):
     TLS modes use the test CA's server certificate unless `context` is given.
     Every one is stopped at teardown.
     """
-    started = []
-
-    def factory(mode="plain", context=None, **kw):
+    def start(mode="plain", context=None, **kw):
         if context is None and mode != "plain":
             context = certs.server_context()
-        d = Downstream(context=context, mode=mode, **kw)
-        started.append(d)
-        return d
+        return Downstream(context=context, mode=mode, **kw)
 
-    yield factory
-    for d in started:
-        d.stop()
+    yield from stopped_at_teardown(start)
 
 
 @pytest.fixture
@@ -516,16 +525,7 @@ class MiniSMTP:
 @pytest.fixture
 def mini():
     """Factory for MiniSMTP servers; each is stopped at teardown."""
-    started = []
-
-    def factory(**kw):
-        m = MiniSMTP(**kw)
-        started.append(m)
-        return m
-
-    yield factory
-    for m in started:
-        m.stop()
+    yield from stopped_at_teardown(MiniSMTP)
 
 
 # -- an HTTP server that trickles its answer -----------------------------------

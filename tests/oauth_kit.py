@@ -15,7 +15,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 from aiosmtpd.smtp import AuthResult, LoginPassword
 
-from conftest import _Controller, _Recorder, free_port
+from conftest import _Controller, _Recorder, free_port, stopped_at_teardown
 
 CLIENT_ID = "11111111-2222-3333-4444-555555555555"
 CLIENT_SECRET = "Xy8Q~s3cr3t-client-value"
@@ -200,16 +200,10 @@ def endpoint():
 @pytest.fixture
 def upstream_factory(endpoint, certs):
     """XOAuthUpstream(endpoint, ...) servers, stopped at teardown; TLS modes use the test CA."""
-    started = []
+    def start(mode="plain", **kw):
+        return XOAuthUpstream(endpoint, certs.server_context() if mode != "plain" else None, mode, **kw)
 
-    def factory(mode="plain", **kw):
-        u = XOAuthUpstream(endpoint, certs.server_context() if mode != "plain" else None, mode, **kw)
-        started.append(u)
-        return u
-
-    yield factory
-    for u in started:
-        u.stop()
+    yield from stopped_at_teardown(start)
 
 
 def oauth_options(endpoint, **more):

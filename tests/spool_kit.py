@@ -9,7 +9,7 @@ import os
 
 import pytest
 
-from conftest import Downstream, free_port, wait_until, write_ini
+from conftest import Downstream, free_port, stopped_at_teardown, wait_until, write_ini
 from test_e2e import RelayProcess
 from test_delivery_e2e import send  # noqa: F401 (re-exported for the spool tests)
 
@@ -48,16 +48,7 @@ class LateSink:
 @pytest.fixture
 def late_sink():
     """late_sink(): a LateSink, stopped at teardown."""
-    made = []
-
-    def factory():
-        sink = LateSink()
-        made.append(sink)
-        return sink
-
-    yield factory
-    for sink in made:
-        sink.stop()
+    yield from stopped_at_teardown(LateSink)
 
 
 @pytest.fixture

@@ -20,7 +20,7 @@ import pytest
 from conftest import outbox_messages, relay_command, wait_until
 from dropin_kit import copy_program, run
 from relay_lib import __version__, cli
-from test_e2e import RelayProcess
+from test_e2e import RelayProcess, stop_cleanly
 
 GO_INI = r"""; smtprelay configuration, as the Go program's users write it
 # Hostname for this SMTP server (empty: the default)
@@ -47,12 +47,7 @@ def go_relay(tmp_path):
         return relay.wait_listening()
 
     yield start
-    failures = []
-    for relay in started:
-        status = relay.stop()
-        if status != 0 or "Traceback" in relay.stderr:
-            failures.append("exit %s, stderr:\n%s" % (status, relay.stderr))
-    assert not failures, "\n".join(failures)
+    stop_cleanly(started)
 
 
 def folders(tmp_path):

@@ -8,7 +8,7 @@ import smtplib
 import pytest
 
 from conftest import accepts_connections, free_port, wait_until, write_ini
-from test_e2e import RelayProcess
+from test_e2e import RelayProcess, stop_cleanly
 
 STAMP = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}(Z|[+-]\d\d:\d\d)"
 
@@ -33,8 +33,7 @@ def go_relay(tmp_path):
         return relay
 
     yield start
-    for relay in started:
-        assert relay.stop() == 0 and "Traceback" not in relay.stderr, relay.stderr
+    stop_cleanly(started)
 
 
 def one_refusal_one_message(port):

@@ -118,8 +118,13 @@ def relay_process(tmp_path):
         return relay.wait_listening(logfile or merged.get("logfile"))
 
     yield start
+    stop_cleanly(started)
+
+
+def stop_cleanly(relays):
+    """SIGTERM every relay; each must exit 0 without a traceback."""
     failures = []
-    for relay in started:
+    for relay in relays:
         status = relay.stop()
         if status != 0 or "Traceback" in relay.stderr:
             failures.append("exit %s, stderr:\n%s" % (status, relay.stderr))

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from conftest import wait_until
+from conftest import stopped_at_teardown, wait_until
 from delivery_kit import deliver_once
 from remote_kit import ScriptedSMTP, elapsed, wait_closed
 
@@ -17,16 +17,7 @@ TEMPFAIL = "451 4.4.1 Forwarding failed, try again later"
 
 @pytest.fixture
 def scripted():
-    started = []
-
-    def factory(**kw):
-        remote = ScriptedSMTP(**kw)
-        started.append(remote)
-        return remote
-
-    yield factory
-    for remote in started:
-        remote.stop()
+    yield from stopped_at_teardown(ScriptedSMTP)
 
 
 def remote_errors(relay_log):
