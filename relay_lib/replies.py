@@ -73,7 +73,6 @@ INTERNAL_ERROR = Reply(421, "4.3.0", "Internal error, closing connection")
 LINE_TOO_LONG = Reply(500, "5.5.2", "Line too long")
 UNRECOGNIZED = Reply(500, "5.5.2", "Command unrecognized")
 NOT_IMPLEMENTED = Reply(502, "5.5.1", "Command not implemented")
-BAD_SEQUENCE = Reply(503, "5.5.1", "Bad sequence of commands")
 
 
 def greeting(welcome_msg: str) -> Reply:
@@ -157,6 +156,11 @@ def queued(message_id: str) -> Reply:
 
 
 SPOOL_FULL = Reply(452, "4.3.1", "Insufficient system storage, try again later")
+
+
+def expired(last_error: str) -> Reply:
+    """What a bounce says of a recipient still pending after queue_lifetime [R3463 3.5]."""
+    return Reply(451, "4.4.7", "Delivery time expired, last error: %s" % last_error)
 
 
 def scan_rejected(code: int, enhanced: str, reason: str) -> Reply:

@@ -382,7 +382,7 @@ class Dispatcher:
         return self._down.get(remote, 0.0) > time.monotonic()
 
     def idle_count(self, remote: Remote) -> int:
-        """How many idle connections the pool holds for remote (for tests and logs)."""
+        """How many idle connections the pool holds for remote (the pool tests watch it)."""
         with self._lock:
             return len(self._idle.get(remote, ()))
 

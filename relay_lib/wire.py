@@ -45,10 +45,6 @@ MAX_HELD = 64 * 1024
 # need CPython's own timeout handling, so both keep settimeout().
 KERNEL_TIMEOUTS = sys.platform.startswith("linux")
 
-# The end of a message: a line holding only "." [R5321 4.1.1.4]. Only CRLF
-# counts as a line end here; a dot framed by bare LF or CR is content
-# (SMTP smuggling, CVE-2023-51764/51765/51766).
-_END_OF_DATA = b"\r\n.\r\n"
 # Any line end a client may have sent inside a body, made CRLF on the way out.
 _ANY_EOL = re.compile(rb"\r\n|\r|\n")
 
@@ -205,8 +201,11 @@ class Wire:
         scan = 0
         while True:
             # Every CRLF followed by a dot either ends the message (a line
-            # of just ".") or starts a dot-stuffed line [R5321 4.5.2]: one
-            # search finds both, so the body is scanned once for them.
+            # of just "." [R5321 4.1.1.4]) or starts a dot-stuffed line
+            # [R5321 4.5.2]: one search finds both, so the body is scanned
+            # once for them. Only CRLF counts as a line end here; a dot
+            # framed by bare LF or CR is content (SMTP smuggling,
+            # CVE-2023-51764/51765/51766).
             hit = data.find(b"\r\n.", scan)
             if 0 <= hit <= len(data) - 5:
                 if data.startswith(b"\r\n", hit + 3):
