@@ -31,7 +31,6 @@ FLUSH_CHECK = 1.0  # seconds (SPEC 9)
 MAX_WORKERS = 4  # retries at once (SPEC 9)
 JITTER = 0.1  # up to 10 % is added to each retry delay, so a burst does not retry in step
 STATE_VERSION = 1
-EXPIRED_STATUS = "4.4.7"  # [R3463 3.5] delivery time expired
 
 
 def _folder(settings: Settings, name: str) -> str:
@@ -468,8 +467,8 @@ class Spool:
         created = float(state["created"])
         pending = job.pending()
         if pending and time.time() - created >= self.settings.queue_lifetime:
-            reason = "%s %s Delivery time expired, last error: %s" % (
-                451, EXPIRED_STATUS, job.error or "none")
+            # One line as the bounce quotes it, whatever the last error held.
+            reason = "%d %s %s" % replies.expired(job.error or "none")
             for pair in pending:
                 pair.state, pair.reply = REFUSED, reason
             log.warning("expired", extra=fields(id=entry.id, attempts=attempts, reason=job.error))
