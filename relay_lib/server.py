@@ -8,10 +8,10 @@ those first refusals: each admitted client is a `Session`.
 
 Session threads are reused (`_Workers`): `ThreadingTCPServer` would start a
 thread per connection, and with one message per connection the clone, the
-new stack and the listener waiting for the thread to run were 15 % of the
-relay's time. A finished session thread waits a while for the next accepted
-socket instead; a new thread still starts whenever none is waiting, so every
-admitted client gets its own thread at once, as before.
+new stack and the listener waiting for the thread to run cost about 15 % of
+the relay's time. A finished session thread waits a while for the next
+accepted socket instead; a new thread starts whenever none is waiting, so
+every admitted client gets its own thread at once.
 """
 
 import ipaddress
@@ -42,7 +42,7 @@ REFUSAL_SEND_TIMEOUT = 1.0  # seconds; a refusal is one short write on a fresh s
 # run at once so a flood cannot turn refusals into unbounded threads.
 MAX_TLS_REFUSALS = 8
 # Finished session threads kept for the next connection (see _Workers): enough
-# for a burst of short sessions; beyond this, threads end as before.
+# for a burst of short sessions; beyond this, a finished thread ends.
 MAX_IDLE_WORKERS = 32
 WORKER_IDLE = 60.0  # seconds an idle session thread waits before it ends
 
