@@ -2,7 +2,8 @@
 
 Owns who may connect, send, receive and authenticate, and the two tables
 that are re-read when their file changes (users, aliases). Must not touch
-sockets or log: callers log one warning with the reason.
+sockets; the decisions do not log either: callers log one warning with the
+reason (only the tables log, a reload or a skipped line).
 """
 
 import ipaddress

@@ -12,7 +12,7 @@ import time
 import pytest
 
 from conftest import free_port, wait_until
-from delivery_kit import BODY, deliver_once, settings_for
+from delivery_kit import deliver_once, settings_for
 from oauth_kit import (AADSTS_ERROR, CLIENT_ID, CLIENT_SECRET, MAILBOX, REFRESH_TOKEN, TENANT,
                        endpoint, oauth_options, upstream_factory)  # noqa: F401 (fixtures)
 from relay_lib import cli, config, metrics

@@ -2,7 +2,6 @@
 file behaviour as a client sees it. Real TLS with the test CA."""
 
 import base64
-import logging
 import os
 import smtplib
 import ssl

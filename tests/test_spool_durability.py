@@ -1,10 +1,8 @@
 """SPEC 9 durability: write failures, the size limit, start-up clean-up,
 kill -9 and graceful stop. Real files, real processes, real downstreams."""
 
-import asyncio
 import os
 import shutil
-import smtplib
 import socket
 import threading
 from types import SimpleNamespace
