@@ -3,6 +3,9 @@
 Owns `Remote` (the SPEC 5.1 URL grammar; its repr never shows the
 password), `Destination` (one remote, or a failover group tried member after
 member, SPEC 11), routing by recipient (SPEC 5.2) and the failover loop.
+It also answers two small questions: which code a failure carried
+(`failure_code`, which decides failover) and whether a host is this machine
+(`is_loopback`, asked by upstream, webhook and OAuth).
 Must not talk to a remote or write a file: sending is a callable it is given.
 """
 
