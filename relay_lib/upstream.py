@@ -277,9 +277,9 @@ class Dispatcher:
     down (`is_down`) for `failover_skip` seconds, or until it works again.
     """
 
-    def __init__(self, hostname: str, timeout: float, client_cert: Optional[str] = None,
-                 client_key: Optional[str] = None, pool_size: int = 20, pool_idle: float = 30.0,
-                 failover_skip: float = 30.0, tokens=None):
+    def __init__(self, hostname: str, timeout: float, client_cert: Optional[str],
+                 client_key: Optional[str], pool_size: int, pool_idle: float,
+                 failover_skip: float, tokens):
         self.hostname = hostname
         # The OAuth token source of auth=xoauth2 remotes (oauth.TokenSource):
         # get() returns (token, fetched by this call) or raises OSError; drop(token).
@@ -623,7 +623,7 @@ def _address(addr: str) -> bytes:
 
 
 def _transaction(conn: _Conn, sender: str, rcpts: List[str], message: bytes, reused: bool,
-                 refused: Optional[dict] = None) -> str:
+                 refused: Optional[dict]) -> str:
     """One MAIL/RCPT/DATA transaction; raises on the first refusal, or
     records refused recipients in `refused` (see Dispatcher.send)."""
     smtp = conn.smtp

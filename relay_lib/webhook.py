@@ -49,7 +49,7 @@ def signature(secret: str, body: bytes) -> str:
 
 
 def scan(url: str, payload: Dict[str, Any], secret: Optional[str], timeout: float,
-         max_answer: int, context: Optional[ssl.SSLContext] = None) -> Verdict:
+         max_answer: int, context: Optional[ssl.SSLContext]) -> Verdict:
     """POST payload as JSON to url and return the scanner's verdict.
 
     `timeout` bounds the whole call (connect, send, every header and body
