@@ -28,17 +28,16 @@ def program_dir() -> str:
     return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def find(named: Optional[str], environ: Mapping[str, str], cwd: Optional[str] = None,
-         beside: Optional[str] = None) -> Optional[Source]:
+def find(named: Optional[str], environ: Mapping[str, str]) -> Optional[Source]:
     """The config file to read, or None when there is none to be found."""
     if named:
         return Source(named, False)
     if environ.get(CONFIG_VARIABLE):
         return Source(environ[CONFIG_VARIABLE], False)
-    dotenv = os.path.join(cwd or os.getcwd(), DOTENV)
+    dotenv = os.path.join(os.getcwd(), DOTENV)
     if os.path.isfile(dotenv):
         return Source(dotenv, True)
-    ini = os.path.join(beside or program_dir(), BESIDE_PROGRAM)
+    ini = os.path.join(program_dir(), BESIDE_PROGRAM)
     if os.path.isfile(ini):
         return Source(ini, False)
     return None
