@@ -148,6 +148,9 @@ COMMAND_TEMPFAIL = Reply(451, "4.3.0", "External command failed temporarily, try
 COMMAND_FAILED = Reply(554, "5.3.0", "External command failed")
 FORWARD_TEMPFAIL = Reply(451, "4.4.1", "Forwarding failed, try again later")
 NO_REMOTE = Reply(554, "5.3.5", "No remote configured")
+# Raised by upstream as if the remote had refused MAIL, so the client gets it
+# like any remote 5xx, prefixed by the remote's host (SPEC 4.1) [R6531 3.4].
+REMOTE_NO_SMTPUTF8 = Reply(553, "5.6.7", "remote does not support SMTPUTF8")
 
 
 # The spool (SPEC 9)

@@ -18,10 +18,9 @@ import threading
 import time
 from typing import Dict, List, Optional, Tuple
 
-from . import metrics
+from . import metrics, replies
 from .outbox import check_folder
 from .remotes import Remote, failure_code, is_loopback
-from .replies import is_enhanced_code
 
 # Strategy: `Dispatcher.send` runs one SMTP transaction on an smtplib
 # connection taken from a small per-remote pool of connections that already
@@ -612,7 +611,7 @@ def reply_text(raw) -> str:
         return raw[:_REPLY_TEXT_MAX]
     lines = str(raw).split("\n")
     first = lines[0].split(None, 1)
-    code = first[0] if first and is_enhanced_code(first[0]) else None
+    code = first[0] if first and replies.is_enhanced_code(first[0]) else None
     rest = [ln.split(None, 1)[1] if code and ln.startswith(code + " ") else ln for ln in lines[1:]]
     text = " ".join(" ".join([lines[0]] + rest).split())
     return text[:_REPLY_TEXT_MAX]
@@ -634,9 +633,10 @@ def _transaction(conn: _Conn, sender: str, rcpts: List[str], message: bytes, reu
         options.append(b" BODY=8BITMIME")
     if not (sender.isascii() and all(r.isascii() for r in rcpts)):
         if not smtp.has_extn("smtputf8"):
-            # Permanent: this remote can never take these addresses [R6531 3.4].
-            raise smtplib.SMTPSenderRefused(553, b"5.6.7 remote does not support SMTPUTF8",
-                                            sender)
+            # Permanent: this remote can never take these addresses.
+            refusal = replies.REMOTE_NO_SMTPUTF8
+            raise smtplib.SMTPSenderRefused(
+                refusal.code, ("%s %s" % (refusal.enhanced, refusal.text)).encode("ascii"), sender)
         options.append(b" SMTPUTF8")
     steps = [("MAIL", b"MAIL FROM:" + _address(sender) + b"".join(options) + b"\r\n", sender)]
     steps.extend(("RCPT", b"RCPT TO:" + _address(r) + b"\r\n", r) for r in rcpts)
