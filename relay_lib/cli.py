@@ -1,5 +1,6 @@
-"""Command line: Go-style flags, -check, -version, -hash-password, and the
-run loop with signal handling (SPEC 2.1, 6).
+"""Command line: Go-style flags, -check, -version, -hash-password,
+-test-remotes, the queue commands (-queue, -flush, -delete), and the run loop
+with signal handling (SPEC 2.1, 6, 9, 10).
 
 Owns the process boundary: ConfigError becomes one line and exit 2 here and
 nowhere else; a listen failure one line and exit 1.

@@ -1,8 +1,10 @@
 """After the final dot: the Received header, then aliases, webhook, command
 and remotes, and the mapping of each outcome to its SPEC 4.1 reply.
 
-Owns the order of delivery steps. Must not touch the client socket: it takes
-an envelope and the message bytes and returns the one reply for the client.
+Owns the order of delivery steps and what each (destination, recipient) pair
+still owes (`Job`, `Pair`: the spool stores them and retries the rest, SPEC
+9). Must not touch the client socket: it takes an envelope and the message
+bytes and returns the one reply for the client.
 """
 
 import base64
