@@ -27,6 +27,7 @@ ACCEPT, REPLACE, REJECT, DISCARD, TEMPFAIL = "accept", "replace", "reject", "dis
 DEFER = "defer"  # a synonym of tempfail
 ACTIONS = (ACCEPT, REPLACE, REJECT, DISCARD, TEMPFAIL, DEFER)  # what a scanner may answer
 DEFAULT_REJECT_CODE = 550  # SPEC 4.2: a code outside 500-599 becomes 550
+DEFAULT_REJECT_ENHANCED = "5.7.1"  # SPEC 4.2: unless the reason starts with its own
 DEFAULT_REJECT_REASON = "Message rejected"
 REASON_MAX = 300  # keeps the reply line under 512 octets [R5321 4.5.3.1.5]
 _ENHANCED = re.compile(r"^5\.\d{1,3}\.\d{1,3}\s+")
@@ -39,7 +40,7 @@ class Verdict(NamedTuple):
     action: str
     message: Optional[bytes] = None
     code: int = DEFAULT_REJECT_CODE
-    enhanced: str = "5.7.1"
+    enhanced: str = DEFAULT_REJECT_ENHANCED
     reason: str = ""
 
 
@@ -123,7 +124,7 @@ def parse_answer(data: bytes) -> Verdict:
         code = _reject_code(obj.get("code"))
         reason = obj.get("reason")
         reason = reason.strip()[:REASON_MAX] if isinstance(reason, str) and reason.strip() else DEFAULT_REJECT_REASON
-        enhanced = "5.7.1"
+        enhanced = DEFAULT_REJECT_ENHANCED
         match = _ENHANCED.match(reason)
         if match:  # the scanner wrote its own enhanced code: "5.7.1 Virus found"
             enhanced, reason = match.group(0).strip(), reason[match.end():] or DEFAULT_REJECT_REASON
