@@ -265,7 +265,8 @@ class Delivery:
         first_failure: List[Reply] = []
         current: Dict[str, Pair] = {}
 
-        def send(remote: remotes.Remote, rcpts: List[str]) -> str:
+        def send(remote: remotes.Remote, rcpts: List[str]) -> Tuple[str, List[str]]:
+            owed: List[str] = []  # refused for now: still pending, for the next member or retry
             if remote.scheme == "file":
                 outbox.write_file(remote.path, env.id, self._envelope_json(env, rcpts, message), message)
                 outcome = "ok"
@@ -276,10 +277,12 @@ class Delivery:
                     failure = smtplib.SMTPRecipientsRefused({rcpt: answer})
                     first_failure.append(remote_reply(remote, failure))
                     _refused_one(job, current[rcpt], remote, failure)
+                    if current[rcpt].state == PENDING:
+                        owed.append(rcpt)
             for rcpt in rcpts:
-                if current[rcpt].state == PENDING:
+                if current[rcpt].state == PENDING and rcpt not in owed:
                     current[rcpt].state, current[rcpt].reply = DELIVERED, outcome
-            return outcome
+            return outcome, owed
 
         def attempted(remote: remotes.Remote, outcome: remotes.Outcome) -> None:
             if isinstance(outcome, Exception):

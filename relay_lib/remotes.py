@@ -274,15 +274,18 @@ def failure_code(exc: BaseException) -> Tuple[int, bytes]:
     return 0, b""
 
 
-def deliver(dest: Destination, rcpts: List[str], send: Callable[[Remote, List[str]], str],
+def deliver(dest: Destination, rcpts: List[str],
+            send: Callable[[Remote, List[str]], Tuple[str, List[str]]],
             attempted: Callable[[Remote, Outcome], None],
             is_down: Callable[[Remote], bool]) -> Optional[Tuple[Remote, Exception]]:
-    """Hand `rcpts` to a destination; None when every one was taken, else the
-    member and the failure that decide the reply (SPEC 11).
+    """Hand `rcpts` to a destination; None when no member failed as a whole,
+    else the member and the failure that decide the reply (SPEC 11).
 
     Members are tried in order, each with the pending recipients it admits,
     the next one only after a temporary failure: a 5xx is the destination's
-    answer. Members that `is_down` are left out, unless a recipient is
+    answer. `send` returns the member's reply and the recipients it refused
+    for now, one by one, while taking the others: those stay pending for the
+    next member. Members that `is_down` are left out, unless a recipient is
     admitted by no other member: then all are tried, in order. `attempted`
     hears each member's outcome, for the log.
     """
@@ -298,7 +301,7 @@ def deliver(dest: Destination, rcpts: List[str], send: Callable[[Remote, List[st
         if not mine:
             continue
         try:
-            outcome = send(remote, mine)
+            outcome, owed = send(remote, mine)
         except Exception as exc:  # noqa: BLE001 (the caller maps each kind, SPEC 4.1)
             attempted(remote, exc)
             failure = (remote, exc)
@@ -306,7 +309,7 @@ def deliver(dest: Destination, rcpts: List[str], send: Callable[[Remote, List[st
                 return failure
             continue
         attempted(remote, outcome)
-        pending = [r for r in pending if r not in mine]
+        pending = [r for r in pending if r not in mine or r in owed]
         if not pending:
             return None
     return failure

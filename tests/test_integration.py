@@ -479,11 +479,6 @@ def test_11_recipient_refused_for_now_by_a_member_goes_to_the_next_without_spool
     assert [m.rcpt_tos for m in second.box] == [["x@one.test", "y@one.test"]]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "remotes.deliver: with the spool on, delivery's send() records a member's one-by-one 4xx "
-    "refusal in the pair and returns normally, and deliver() then drops every recipient it sent "
-    "from `pending`, so the next member is never tried for the refused one (SPEC 11: a 4xx goes "
-    "to the next member); it waits in the queue for the same member instead"))
 def test_11_recipient_refused_for_now_by_a_member_goes_to_the_next_with_spool(spool_relay, sink_factory):
     first, second = sink_factory(), sink_factory()
     first.handler.rcpt_reply = {"y@one.test": "451 4.2.1 Mailbox busy"}

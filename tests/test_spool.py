@@ -89,6 +89,21 @@ def test_9_replies_partial_refusal_is_250_and_the_refused_recipient_bounced(spoo
     assert [m.rcpt_tos for m in sink.box if m.mail_from == "<>"] == [["app@example.com"]]
 
 
+def test_9_pairs_recipient_refused_for_now_stays_pending_and_is_retried(spool_relay, sink):
+    """A remote that takes one recipient and answers 4xx for another: the
+    second is owed, never counted as delivered, and goes out on the retry."""
+    sink.handler.rcpt_reply = {"later@example.org": "451 4.2.1 Mailbox busy"}
+    relay = spool_relay(remotes=sink.url(), queue_retry_min="1h", queue_retry_max="1h")
+    message_id = queued_id(*send(relay, ["b@example.org", "later@example.org"], MESSAGE))
+    state = json.load(open(os.path.join(relay.spool_dir, "queue", message_id + ".json")))
+    assert [(p["rcpt"], p["state"]) for p in state["pairs"]] == [
+        ("b@example.org", "delivered"), ("later@example.org", "pending")]
+    sink.handler.rcpt_reply = {}
+    spool.request_flush(relay.settings)
+    assert wait_until(lambda: queue_empty(relay), 5), files(relay.spool_dir)
+    assert [m.rcpt_tos for m in sink.box] == [["b@example.org"], ["later@example.org"]]
+
+
 def test_9_retries_permanent_refusal_on_retry_bounces_and_moves_to_failed(spool_relay, sink, relay_log):
     sink.handler.rcpt_reply = {"b@example.org": "451 4.2.0 greylisted"}
     relay = spool_relay(remotes=sink.url())
