@@ -125,6 +125,7 @@ class Session:
         # Set only on starttls:// listeners: STARTTLS is offered with it.
         self.starttls_context = starttls_context
         self.log = session_logger(peer=peer)
+        self.tracing = self.log.isEnabledFor(TRACE)  # asked once: twice per command is on the hot path
 
         self.phase = Phase.CONNECTED
         self.tls = wire.tls_info() if implicit_tls else None
@@ -272,7 +273,7 @@ class Session:
     # keeps to events.
 
     def _trace_command(self, verb: str, arg: str) -> None:
-        if not self.log.isEnabledFor(TRACE):
+        if not self.tracing:
             return
         if verb == "AUTH":
             # Never log credentials, not even base64 (STYLE 9): keep the mechanism.
@@ -280,7 +281,7 @@ class Session:
         self.log.log(TRACE, "command", extra=fields(line=clean_echo(("%s %s" % (verb, arg)).rstrip())))
 
     def _trace_reply(self, reply: Reply) -> None:
-        if self.log.isEnabledFor(TRACE):
+        if self.tracing:
             self.log.log(TRACE, "reply", extra=fields(line=str(reply).replace("\r\n", " | ")))
 
     def _reply(self, reply: Reply) -> None:

@@ -87,6 +87,7 @@ class _ReplyReader:
     def __init__(self, sock: socket.socket):
         self.sock = sock
         self.shortened = False  # the socket's timeout was cut to fit a deadline
+        self.waited = False  # a recv of the current reply happened already
         self._buf = bytearray()
 
     def readline(self, deadline: float, limit: float) -> bytes:
@@ -107,13 +108,14 @@ class _ReplyReader:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise socket.timeout("no complete reply within %gs" % limit)
-            if remaining < limit:
+            if self.waited:
                 _recv_limit(self.sock, remaining)
                 self.shortened = True
             try:
                 chunk = self.sock.recv(65536)
             except (socket.timeout, BlockingIOError):  # BlockingIOError: SO_RCVTIMEO expired
                 raise socket.timeout("no complete reply within %gs" % limit) from None
+            self.waited = True
             if not chunk:
                 return b""
             buf += chunk
@@ -138,6 +140,7 @@ class _WholeReplies:
         if not isinstance(self.file, _ReplyReader) or self.file.sock is not self.sock:
             self.file = _ReplyReader(self.sock)  # a new one after STARTTLS: no plaintext carried over
         deadline = time.monotonic() + self.timeout
+        self.file.waited = False
         lines = []
         try:
             while True:
