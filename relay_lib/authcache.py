@@ -23,6 +23,10 @@ PENALTY_FAILURES = 10  # bcrypt-run failures from one address ...
 PENALTY_WINDOW = 900.0  # ... within 15 minutes ...
 PENALTY_TIME = 900.0  # ... refuse its AUTH for 15 minutes
 PENALTY_ADDRESSES = 10000  # most addresses tracked (least recently failed out)
+# The 454 of a penalty comes this late, so a guesser looping on it costs
+# itself a second per try and the relay one TLS handshake a second, not
+# hundreds (as Postfix's smtpd_error_sleep_time).
+PENALTY_REPLY_DELAY = 1.0
 STRIPES = 64  # locks that keep two sessions from checking the same password at once
 
 

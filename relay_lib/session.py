@@ -17,10 +17,12 @@ import binascii
 import enum
 import re
 import threading
+import time
 from datetime import datetime, timezone
 from typing import Callable, Dict, List, Optional, Tuple
 
 from relay_lib import metrics, policy, replies
+from relay_lib.authcache import PENALTY_REPLY_DELAY
 from relay_lib.delivery import Delivery, Envelope, new_message_id
 from relay_lib.logs import TRACE, fields, session_logger
 from relay_lib.replies import Reply, SmtpError, clean_echo
@@ -385,6 +387,8 @@ class Session:
         # bcrypt is slow on purpose; when it runs, it runs here, in this
         # session's thread, and Users holds no lock while it hashes.
         user = self.users.authenticate(username, password, self.peer)
+        if user is replies.AUTH_PENALTY:
+            time.sleep(PENALTY_REPLY_DELAY)
         if isinstance(user, Reply):
             self.auth_failures += 1
             self.log.warning("authentication failed", extra=fields(
