@@ -63,7 +63,10 @@ def build(hostname: str, sender: str, message_id: str, arrived: datetime,
 
     headers = original.split(b"\r\n\r\n", 1)[0].decode("utf-8", "replace") + "\r\n"
     report.attach(_text(headers, "rfc822-headers"))
-    return report.as_bytes(policy=email.policy.SMTP)
+    # An internationalized address, or a remote's reply in UTF-8, can only
+    # be written as UTF-8 header text [R6532 3.2, R6533 3].
+    plain = all(text.isascii() for text in [hostname, sender] + [t for f in failures for t in f])
+    return report.as_bytes(policy=email.policy.SMTP if plain else email.policy.SMTPUTF8)
 
 
 def _text(text: str, subtype: str) -> MIMEText:

