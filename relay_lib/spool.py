@@ -291,6 +291,8 @@ class Spool:
         size = len(job.message) + len(state)
         with self._cond:
             if self._bytes + size > self.settings.spool_max_size:
+                self._drop_deleted()
+            if self._bytes + size > self.settings.spool_max_size:
                 log.warning("queue full, not queued", extra=fields(
                     id=env.id, size=size, queued_bytes=self._bytes,
                     limit=self.settings.spool_max_size))
@@ -326,6 +328,13 @@ class Spool:
             self._cond.notify()
         log.info("queued", extra=fields(id=env.id, reason=reason))
         return True
+
+    def _drop_deleted(self) -> None:
+        """Forget what -delete moved away since its last attempt, so its bytes
+        are free now rather than at its next due time. Holds the lock."""
+        for entry in list(self._entries.values()):
+            if not entry.busy and not os.path.exists(self._paths(entry.id)[1]):
+                self._forget(entry)
 
     def _paths(self, message_id: str) -> Tuple[str, str]:
         base = os.path.join(self.queue_dir, message_id)

@@ -3,11 +3,14 @@ size limit after -delete, a configuration that changed while messages were
 queued, a crash in the middle of a retry. Real relay, real downstreams, real
 files."""
 
+import os
 import re
 import smtplib
 
 from conftest import wait_until
-from spool_kit import MESSAGE, bounces, files, queue_empty, report_fields, send, spool_relay  # noqa: F401
+from relay_lib import spool
+from spool_kit import (MESSAGE, bounces, files, late_sink, queue_empty, report_fields, send,  # noqa: F401
+                       spool_relay)
 from test_spool import queued_id
 
 
@@ -46,3 +49,16 @@ def test_9_retries_permanent_refusal_of_a_utf8_recipient_is_bounced(spool_relay,
     _, [block] = report_fields(bounces(sink.box)[0])
     assert (block["Final-Recipient"], block["Status"]) == ("rfc822; " + rcpt, "5.1.1")
     assert not [r for r in relay_log.records if r.getMessage() == "queue attempt failed"]
+
+
+def test_9_spool_max_size_space_freed_by_delete_takes_new_messages_at_once(spool_relay, late_sink):
+    big = MESSAGE + b"x" * 1500 + b"\r\n"
+    relay = spool_relay(remotes=late_sink().url(), spool_max_size="3000", queue_retry_min="1h",
+                        queue_retry_max="1h")
+    first = queued_id(*send(relay, ["b@example.org"], big))
+    assert spool.delete(relay.settings, first)[0] == 0
+    second = queued_id(*send(relay, ["b@example.org"], big))
+    assert files(relay.spool_dir) == [second + ".eml", second + ".json"]
+    queue = os.path.join(relay.spool_dir, "queue")
+    on_disk = sum(os.path.getsize(os.path.join(queue, name)) for name in files(relay.spool_dir))
+    assert relay.spool.stats()[:2] == (1, on_disk)
