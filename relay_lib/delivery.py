@@ -329,6 +329,11 @@ class Delivery:
     def _run_command(self, env: Envelope, message: bytes) -> Reply:
         """The command step of SPEC 4.3: message on stdin, no shell, data_timeout."""
         s = self.settings
+        if not s.command:
+            # A queued message still owes the step, but the configuration no
+            # longer has it: as for a remote that is gone, try again later.
+            log.error("command is no longer configured", extra=fields(id=env.id))
+            return replies.COMMAND_TEMPFAIL
         environ = dict(os.environ, SMTPRELAY_FROM=env.mail_from, SMTPRELAY_TO=" ".join(env.rcpts),
                        SMTPRELAY_PEER=env.peer, SMTPRELAY_ID=env.id)
         try:

@@ -6,6 +6,7 @@ files."""
 import os
 import re
 import smtplib
+import sys
 
 from conftest import wait_until
 from relay_lib import spool
@@ -62,3 +63,24 @@ def test_9_spool_max_size_space_freed_by_delete_takes_new_messages_at_once(spool
     queue = os.path.join(relay.spool_dir, "queue")
     on_disk = sum(os.path.getsize(os.path.join(queue, name)) for name in files(relay.spool_dir))
     assert relay.spool.stats()[:2] == (1, on_disk)
+
+
+def test_9_retries_a_command_removed_from_the_config_expires_and_bounces(
+        spool_relay, sink, tmp_path, relay_log):
+    """Like a remote that is no longer configured, a command step left to do
+    is a temporary failure: the message expires and is bounced, instead of
+    failing each attempt with an exception and staying queued for ever."""
+    script = tmp_path / "busy.py"
+    script.write_text("import sys\nsys.exit(75)\n")
+    options = dict(remotes=sink.url(), queue_retry_min="1h", queue_retry_max="1h")
+    first = spool_relay(command="%s %s" % (sys.executable, script), **options)
+    message_id = queued_id(*send(first, ["b@example.org"], MESSAGE))
+    first.stop()
+    options.update(queue_retry_min="50ms", queue_retry_max="100ms", queue_lifetime="300ms")
+    again = spool_relay(**options)
+    assert wait_until(lambda: bounces(sink.box) and queue_empty(again))
+    assert files(again.spool_dir, "failed") == [message_id + ".eml", message_id + ".json"]
+    _, [block] = report_fields(bounces(sink.box)[0])
+    assert (block["Final-Recipient"], block["Status"]) == ("rfc822; b@example.org", "4.4.7")
+    assert [m for m in sink.box if m.mail_from != "<>"] == []
+    assert not [r for r in relay_log.records if r.getMessage() == "queue attempt failed"]
