@@ -20,9 +20,11 @@ def write_file(folder: str, message_id: str, envelope: dict, message: bytes) -> 
         OSError: the folder is not writable or the disk is full.
     """
     os.makedirs(folder, exist_ok=True)
-    atomic_write(os.path.join(folder, message_id + ".eml"), message)
-    atomic_write(os.path.join(folder, message_id + ".json"),
-                 json.dumps(envelope, indent=2, ensure_ascii=False).encode("utf-8"))
+    eml, meta = os.path.join(folder, message_id + ".eml"), os.path.join(folder, message_id + ".json")
+    for path in (eml, meta):
+        _discard(_temporary_name(path))  # a crash cut an earlier write short; a retry reuses the id
+    atomic_write(eml, message)
+    atomic_write(meta, json.dumps(envelope, indent=2, ensure_ascii=False).encode("utf-8"))
 
 
 TEMP_PREFIX = ".tmp-"  # a file being written; the spool removes these at start-up
@@ -64,7 +66,7 @@ def write_temporary(path: str, data: bytes, sync: bool) -> str:
     # Every path written here is named after a unique message id, and only
     # one thread writes a given path, so the temporary name needs no random
     # part (mkstemp cost as much as the write). O_EXCL still refuses a clash.
-    tmp = os.path.join(os.path.dirname(path), TEMP_PREFIX + os.path.basename(path))
+    tmp = _temporary_name(path)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_BINARY, 0o600)
     try:
         with os.fdopen(fd, "wb") as out:
@@ -76,6 +78,10 @@ def write_temporary(path: str, data: bytes, sync: bool) -> str:
         _discard(tmp)
         raise
     return tmp
+
+
+def _temporary_name(path: str) -> str:
+    return os.path.join(os.path.dirname(path), TEMP_PREFIX + os.path.basename(path))
 
 
 def _discard(tmp: str) -> None:

@@ -8,7 +8,7 @@ import re
 import smtplib
 import sys
 
-from conftest import wait_until
+from conftest import outbox_messages, wait_until
 from relay_lib import spool
 from spool_kit import (MESSAGE, bounces, files, late_sink, queue_empty, report_fields, send,  # noqa: F401
                        spool_relay)
@@ -84,3 +84,20 @@ def test_9_retries_a_command_removed_from_the_config_expires_and_bounces(
     assert (block["Final-Recipient"], block["Status"]) == ("rfc822; b@example.org", "4.4.7")
     assert [m for m in sink.box if m.mail_from != "<>"] == []
     assert not [r for r in relay_log.records if r.getMessage() == "queue attempt failed"]
+
+
+def test_9_restart_a_file_remote_write_cut_short_by_a_crash_is_done_on_the_retry(spool_relay, tmp_path):
+    """A retry reuses the message id, so it meets the temporary file a crash
+    left in the file: remote's folder: at least once, never zero times."""
+    outbox = tmp_path / "box"
+    outbox.write_bytes(b"")  # a file where the folder should be: the first write fails
+    relay = spool_relay(remotes="file:" + str(outbox), queue_retry_min="1h", queue_retry_max="1h")
+    message_id = queued_id(*send(relay, ["b@example.org"], MESSAGE))
+    outbox.unlink()
+    outbox.mkdir()
+    (outbox / (".tmp-" + message_id + ".eml")).write_bytes(b"Subject: half a mess")
+    spool.request_flush(relay.settings)
+    assert wait_until(lambda: queue_empty(relay))
+    [(meta, message)] = outbox_messages(str(outbox))
+    assert meta["id"] == message_id and message.endswith(MESSAGE)
+    assert sorted(os.listdir(str(outbox))) == [message_id + ".eml", message_id + ".json"]
