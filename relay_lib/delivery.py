@@ -296,6 +296,7 @@ class Delivery:
         plan = remotes.route(self.settings.remotes, env.mail_from, [p.rcpt for p in job.pending()],
                              self.settings.strict_sender)
         routes = {dest.name: dest for dest, _ in plan}
+        _follow_routes(job, plan, {dest.name for dest in remotes.destinations(self.settings.remotes)})
         for name in _unique_order(p.dest for p in job.pending()):
             current = {p.rcpt: p for p in job.pending() if p.dest == name}
             dest = routes.get(name)
@@ -379,6 +380,24 @@ def make_dispatcher(settings: Settings) -> upstream.Dispatcher:
 def _settle_pending(job: Job, state: str, reply: str) -> None:
     for pair in job.pending():
         pair.state, pair.reply = state, reply
+
+
+def _follow_routes(job: Job, plan, configured) -> None:
+    """A pending pair whose destination no longer takes its recipient (the
+    configuration changed while it was queued: a remote's URL was fixed, a
+    group renamed) goes to the recipient's current destinations that have no
+    pair for it. Never while a pair that is done names a destination that is
+    gone: that one may be among the current ones under a new name (SPEC 9)."""
+    admitted = {(dest.name, rcpt) for dest, rcpts in plan for rcpt in rcpts}
+    for pair in job.pending():
+        if (pair.dest, pair.rcpt) in admitted or any(
+                p.rcpt == pair.rcpt and p.state != PENDING and p.dest not in configured for p in job.pairs):
+            continue
+        taken = {p.dest for p in job.pairs if p.rcpt == pair.rcpt}
+        names = [dest.name for dest, rcpts in plan if pair.rcpt in rcpts and dest.name not in taken]
+        if names:
+            pair.dest = names[0]
+            job.pairs.extend(Pair(name, pair.rcpt) for name in names[1:])
 
 
 def _refused_one(job: Job, pair: Pair, remote: remotes.Remote, exc: Exception) -> None:

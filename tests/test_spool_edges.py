@@ -101,3 +101,34 @@ def test_9_restart_a_file_remote_write_cut_short_by_a_crash_is_done_on_the_retry
     [(meta, message)] = outbox_messages(str(outbox))
     assert meta["id"] == message_id and message.endswith(MESSAGE)
     assert sorted(os.listdir(str(outbox))) == [message_id + ".eml", message_id + ".json"]
+
+
+def test_9_restart_a_remote_fixed_between_runs_takes_what_was_queued_for_it(
+        spool_relay, sink_factory, late_sink):
+    """The usual fix of a queue that fills: the remote's port or scheme was
+    wrong. The pending pairs follow the recipient's current route; the remote
+    that accepted at the first attempt never gets the message again."""
+    up, wrong = sink_factory(), late_sink()
+    first = spool_relay(remotes="%s %s" % (up.url(), wrong.url()), queue_retry_min="1h",
+                        queue_retry_max="1h")
+    message_id = queued_id(*send(first, ["b@example.org"], MESSAGE))
+    first.stop()
+    fixed = sink_factory()
+    again = spool_relay(remotes="%s %s" % (up.url(), fixed.url()))
+    assert wait_until(lambda: queue_empty(again))
+    assert [m.rcpt_tos for m in fixed.box] == [["b@example.org"]]
+    assert message_id.encode() in fixed.box[0].content
+    assert len(up.box) == 1
+
+
+def test_9_restart_a_renamed_remote_that_has_the_message_never_gets_it_again(
+        spool_relay, sink, late_sink, relay_log):
+    """127.0.0.1 became localhost: the same remote under a new name. The
+    recipient's pending pair must not follow the route there."""
+    first = spool_relay(remotes="%s %s" % (sink.url(), late_sink().url()), queue_retry_min="1h",
+                        queue_retry_max="1h")
+    queued_id(*send(first, ["b@example.org"], MESSAGE))
+    first.stop()
+    again = spool_relay(remotes="smtp://localhost:%d" % sink.port)
+    assert wait_until(lambda: sum(r.getMessage() == "retry" for r in relay_log.records) >= 2)
+    assert len(sink.box) == 1 and again.spool.queued == 1
