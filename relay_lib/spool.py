@@ -503,12 +503,13 @@ class Spool:
         if any(p.state == REFUSED for p in job.pairs):
             outbox.atomic_write(path, _encode(_state(job, created, attempts, 0)))
             move(self.settings, entry.id, FAILED)
+            self._forget(entry)  # first: the bounce may need the room it held
             self._bounce(job, fresh)
         else:
             for leftover in (path, eml):  # the state first: a body alone is removed at start-up
                 _unlink(leftover)
             log.info("delivered", extra=fields(id=entry.id, attempts=attempts))
-        self._forget(entry)
+            self._forget(entry)
 
     # ---- bounces -------------------------------------------------------------
 

@@ -65,6 +65,18 @@ def test_9_spool_max_size_space_freed_by_delete_takes_new_messages_at_once(spool
     assert relay.spool.stats()[:2] == (1, on_disk)
 
 
+def test_9_spool_max_size_a_message_failing_for_good_makes_room_for_its_bounce(spool_relay, sink):
+    big = MESSAGE + b"x" * 1500 + b"\r\n"
+    sink.handler.rcpt_reply = {"b@example.org": "451 4.2.0 greylisted"}
+    relay = spool_relay(remotes=sink.url(), spool_max_size="3000")
+    message_id = queued_id(*send(relay, ["b@example.org"], big))
+    sink.handler.rcpt_reply = {"b@example.org": "550 5.1.1 gone"}
+    assert wait_until(lambda: bounces(sink.box) and queue_empty(relay))
+    assert files(relay.spool_dir, "failed") == [message_id + ".eml", message_id + ".json"]
+    _, [block] = report_fields(bounces(sink.box)[0])
+    assert (block["Final-Recipient"], block["Status"]) == ("rfc822; b@example.org", "5.1.1")
+
+
 def test_9_retries_a_command_removed_from_the_config_expires_and_bounces(
         spool_relay, sink, tmp_path, relay_log):
     """Like a remote that is no longer configured, a command step left to do
