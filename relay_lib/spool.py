@@ -487,10 +487,11 @@ class Spool:
         if not os.path.exists(eml):
             self._forget(entry)  # -delete moved it away during the attempt
             return
+        if job.message is not message:
+            # The webhook replaced it: what stays queued, or goes to failed/, is what it gave.
+            outbox.atomic_write(eml, job.message)
         if job.pending():
             due = min(time.time() + self._delay(attempts), created + self.settings.queue_lifetime)
-            if job.message is not message:
-                outbox.atomic_write(eml, job.message)  # the webhook replaced it
             state = _encode(_state(job, created, attempts, due))
             outbox.atomic_write(path, state)
             sync_folder(self.queue_dir)

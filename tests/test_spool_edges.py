@@ -3,6 +3,7 @@ size limit after -delete, a configuration that changed while messages were
 queued, a crash in the middle of a retry. Real relay, real downstreams, real
 files."""
 
+import base64
 import os
 import re
 import smtplib
@@ -144,3 +145,18 @@ def test_9_restart_a_renamed_remote_that_has_the_message_never_gets_it_again(
     again = spool_relay(remotes="smtp://localhost:%d" % sink.port)
     assert wait_until(lambda: sum(r.getMessage() == "retry" for r in relay_log.records) >= 2)
     assert len(sink.box) == 1 and again.spool.queued == 1
+
+
+def test_9_retries_a_scanned_message_refused_for_good_goes_to_failed_as_the_scanner_gave_it(
+        spool_relay, sink, webhook):
+    """failed/ holds the state `scan done`: its message must be the scanner's."""
+    webhook.script = lambda request: (503, None, 0)
+    sink.handler.rcpt_reply = {"b@example.org": "550 5.1.1 gone"}
+    relay = spool_relay(remotes=sink.url(), spool_mode="always", webhook_url=webhook.url)
+    message_id = queued_id(*send(relay, ["b@example.org"], MESSAGE))
+    scanned = b"X-Scanned: clean\r\n" + MESSAGE
+    webhook.script = lambda request: (200, {"action": "accept",
+                                            "message": base64.b64encode(scanned).decode()}, 0)
+    assert wait_until(lambda: bounces(sink.box) and queue_empty(relay))
+    with open(os.path.join(relay.spool_dir, "failed", message_id + ".eml"), "rb") as f:
+        assert f.read() == scanned
