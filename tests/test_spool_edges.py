@@ -9,6 +9,8 @@ import re
 import smtplib
 import sys
 
+import pytest
+
 from conftest import outbox_messages, wait_until
 from relay_lib import spool
 from spool_kit import (MESSAGE, bounces, files, late_sink, queue_empty, report_fields, send,  # noqa: F401
@@ -160,3 +162,14 @@ def test_9_retries_a_scanned_message_refused_for_good_goes_to_failed_as_the_scan
     assert wait_until(lambda: bounces(sink.box) and queue_empty(relay))
     with open(os.path.join(relay.spool_dir, "failed", message_id + ".eml"), "rb") as f:
         assert f.read() == scanned
+
+
+@pytest.mark.xfail(strict=True, reason="upstream replaces every sender, the null one too, by the "
+                   "remote's /sender (SPEC 5.1); some remotes (Microsoft 365) take only their "
+                   "mailbox as sender, so keeping <> there is a decision, not a one-line fix")
+def test_9_retries_a_bounce_keeps_the_null_sender_through_a_remote_with_a_sender(spool_relay, sink):
+    sink.handler.rcpt_reply = {"bad@example.org": "550 5.1.1 no such user"}
+    relay = spool_relay(remotes=sink.url(path="relay@example.com"))
+    assert send(relay, ["b@example.org", "bad@example.org"], MESSAGE)[0] == 250
+    assert wait_until(lambda: len(sink.box) == 2 and queue_empty(relay))
+    assert [m.mail_from for m in sink.box] == ["relay@example.com", "<>"]
