@@ -25,6 +25,7 @@ from .remotes import is_loopback
 DEFAULT_SCOPE = "https://outlook.office365.com/.default"  # Exchange Online, app-only
 RENEW_BEFORE = 300.0  # SPEC 10: renew 5 minutes before expires_in ...
 DEFAULT_LIFETIME = 3600  # expires_in is only RECOMMENDED [R6749 5.1]; an hour is what both big providers give
+MAX_LIFETIME = 86400  # a longer expires_in counts as a day: renewed at half of it, never unbounded
 MAX_ANSWER = 64 * 1024  # a token answer is a few KB; more is not a token endpoint
 DESCRIPTION_MAX = 300  # characters of error_description kept in an error
 
@@ -251,15 +252,18 @@ class TokenSource:
         access_token = answer.get("access_token")
         if not isinstance(access_token, str) or not access_token:
             raise self._failed("token endpoint answered without an access_token")
+        if not access_token.isascii() or not access_token.isprintable() or " " in access_token:
+            # [R6750 2.1] b64token; a control character would break the SASL string.
+            raise self._failed("token endpoint answered an access_token that is not printable ASCII")
         expires_in = answer.get("expires_in", DEFAULT_LIFETIME)
         try:
             expires_in = int(expires_in)  # Microsoft sends a number, some servers a string
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):  # OverflowError: JSON's Infinity, 1e999
             expires_in = DEFAULT_LIFETIME
         rotated = answer.get("refresh_token")
         if self._refresh_token and isinstance(rotated, str) and rotated:
             self._refresh_token = rotated
-        return Token(access_token, max(expires_in, 1), time.monotonic())
+        return Token(access_token, min(max(expires_in, 1), MAX_LIFETIME), time.monotonic())
 
     def _failed(self, text: str) -> TokenError:
         """A TokenError whose text, whatever the endpoint echoed, holds no secret."""
