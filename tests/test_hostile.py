@@ -31,6 +31,113 @@ from test_metrics import get
 from test_proxy import ALLOWED, CLIENT, tlv, v1, v2
 
 
+# -- the metrics endpoint (SPEC 12) ---------------------------------------------
+
+@pytest.fixture
+def metrics_relay(relay_factory, monkeypatch):
+    monkeypatch.setattr(metrics_http, "REQUEST_DEADLINE", 1.0)
+    return relay_factory(metrics_listen="127.0.0.1:0")
+
+
+def healthz_ok(address):
+    try:
+        return get(address, "/healthz")[:2] == (200, "ok\n")
+    except (OSError, http.client.HTTPException):
+        return False  # closed unanswered: every request slot is taken
+
+
+class Loris:
+    """A client that sends one byte of a request every `gap` seconds (never,
+    with gap None) and notes when the server closes the connection."""
+
+    REQUEST = b"GET /healthz HTTP/1.1\r\nHost: relay\r\n" + b"X-Pad: " + b"x" * 200
+
+    def __init__(self, address, gap):
+        self.sock = socket.create_connection(address, timeout=5)
+        self.gap = gap
+        self.closed_at = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        self.sock.settimeout(self.gap or 0.05)
+        sent = 0
+        while not self._stop.is_set():
+            try:
+                if self.gap is not None and sent < len(self.REQUEST):
+                    self.sock.sendall(self.REQUEST[sent:sent + 1])
+                    sent += 1
+                if self.sock.recv(1024) == b"":
+                    break
+            except socket.timeout:
+                continue
+            except OSError:
+                break
+        self.closed_at = time.monotonic()
+
+    def stop(self):
+        self._stop.set()
+        self._thread.join(5)
+        self.sock.close()
+
+
+@pytest.mark.parametrize("gap", [None, 0.1], ids=["silent", "one-byte-at-a-time"])
+def test_12_metrics_hostile_clients_deny_healthz_at_most_the_request_deadline(metrics_relay, gap):
+    relay = metrics_relay
+    address = relay.metrics_address
+    started = time.monotonic()
+    lorises = [Loris(address, gap) for _ in range(metrics_http.MAX_REQUESTS)]
+    try:
+        with Talk(relay.port) as t:  # the SMTP listener serves meanwhile
+            assert t.reply().startswith("220 ")
+            assert t.cmd("QUIT").startswith("221 ")
+        assert wait_until(lambda: all(l.closed_at for l in lorises), 5)
+        assert wait_until(lambda: healthz_ok(address), 5)
+        # The request deadline (1 s here), not the per-read timeout (5 s),
+        # is how long they held the slots; a trickle no longer holds them forever.
+        assert max(l.closed_at for l in lorises) - started < 2.5
+    finally:
+        for loris in lorises:
+            loris.stop()
+
+
+def raw_answer(address, data):
+    """What the endpoint answers `data` with, up to its close."""
+    answer = b""
+    with socket.create_connection(address, timeout=5) as sock:
+        sock.sendall(data)
+        for chunk in iter(lambda: sock.recv(65536), b""):
+            answer += chunk
+    return answer
+
+
+@pytest.mark.parametrize("data, expected", [
+    (b"HEAD /healthz HTTP/1.1\r\nHost: x\r\n\r\n", b"HTTP/1.0 501 "),
+    (b"GET /metrics?x HTTP/1.1\r\nHost: x\r\n\r\n", b"HTTP/1.0 200 "),
+    (b"GET //metrics HTTP/1.1\r\nHost: x\r\n\r\n", b"HTTP/1.0 200 "),  # the same on every Python 3.9+
+    (b"GET http://relay/healthz HTTP/1.1\r\n\r\n", b"HTTP/1.0 200 "),  # absolute form [R9112 3.2.2]
+    (b"GET /healthz/ HTTP/1.1\r\nHost: x\r\n\r\n", b"HTTP/1.0 404 "),
+    (b"GET /" + b"a" * 65532, b"HTTP/1.0 414 "),  # 65537 octets: one past the request line limit
+    (b"GET /healthz HTTP/1.1\r\n" + b"X: y\r\n" * 101, b"HTTP/1.0 431 "),
+    (b"GET /healthz HTTP/1.1\r\nX: " + b"y" * 65534, b"HTTP/1.0 431 "),
+    (b"GET /" + b"a" * 65000 + b" HTTP/1.1\r\nHost: x\r\n\r\n", b"HTTP/1.0 404 "),
+    # No HTTP version, so http.server answers as to HTTP/0.9: the error page alone.
+    (b"\x16\x03\x01 \x00\xff\x1b[31m\x1b]0;pwned\x07 garbage\r\n", b"<p>Error code: 400</p>"),
+], ids=["head", "query", "double-slash", "absolute-form", "trailing-slash", "huge-request-line", "101-headers",
+        "huge-header", "long-path", "not-http"])
+def test_12_metrics_hostile_requests_get_a_clear_status_and_a_bounded_log_line(metrics_relay, relay_log,
+                                                                                 data, expected):
+    address = metrics_relay.metrics_address
+    answer = raw_answer(address, data)
+    assert answer.startswith(expected) or expected.startswith(b"<") and expected in answer, answer[:300]
+    assert healthz_ok(address)
+    formatter = logs.make_formatter("default", None)
+    for record in relay_log.records:
+        line = formatter.format(record)
+        assert "\x1b" not in line and "\x00" not in line and len(line) < 1000, line[:200]
+
+
 # -- the OAuth token endpoint (SPEC 10) -------------------------------------------
 
 class Answering:
