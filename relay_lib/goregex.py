@@ -186,7 +186,7 @@ class _Parser:
             self.pos = m.end()
             if m.group(1) is None:  # flags: (?i) or (?i-s:...)
                 on, off = m.group(2), m.group(3)
-                if (not on and not off) or off == "":
+                if (not on and not off and m.group(4) == ")") or off == "":  # (?:x) is a plain group
                     raise ValueError("empty flag group at %d" % (start))
                 for f in on:
                     inner_flags[f] = True

@@ -239,3 +239,14 @@ def test_10_access_token_with_control_characters_is_refused(answering, relay_log
         source_for(endpoint.url).get()
     assert str(caught.value) == "token endpoint answered an access_token that is not printable ASCII"
     assert not any(token in repr(r.__dict__) for r in relay_log.records)
+
+
+# -- regexes a client can make Python backtrack on (SPEC 2.3, 3.2) ----------------
+
+@pytest.mark.parametrize("pattern, yes, no", [
+    (r"^(?:ab)+$", ["abab"], ["aba"]),
+    (r"@(?:foo|bar)\.example\.com$", ["a@bar.example.com"], ["a@baz.example.com"]),
+])
+def test_2_3_non_capturing_group_is_go_syntax(pattern, yes, no):
+    compiled = config.parse_regex(pattern)
+    assert all(compiled.search(text) for text in yes) and not any(compiled.search(text) for text in no)
