@@ -250,3 +250,34 @@ def test_10_access_token_with_control_characters_is_refused(answering, relay_log
 def test_2_3_non_capturing_group_is_go_syntax(pattern, yes, no):
     compiled = config.parse_regex(pattern)
     assert all(compiled.search(text) for text in yes) and not any(compiled.search(text) for text in no)
+
+
+@pytest.mark.parametrize("option", ["allowed_sender", "allowed_recipients"])
+@pytest.mark.parametrize("pattern", [r"(a+)+$", r"^(\w+\s?)*$", r"@([a-z0-9-]+\.)*example\.com$",
+                                     r"(a*){2,}b", r"((ab)*c)+", r"(?:x|a+)*y"])
+def test_2_3_nested_repetition_is_refused_naming_the_option(tmp_path, option, pattern):
+    ini = tmp_path / "relay.ini"
+    write_ini(ini, {"listen": "127.0.0.1:0", "remotes": "file:outbox", option: pattern})
+    with pytest.raises(config.ConfigError) as caught:
+        config.from_file(str(ini))
+    assert caught.value.option == option
+    assert "repeated group that repeats inside, like (a+)+" in str(caught.value)
+
+
+@pytest.mark.parametrize("pattern", [r"(a+)?b", r"(ab|cd)+", r"^([a-z0-9._%+-]+)@example\.com$",
+                                     r"@([a-z0-9.-]+\.)?example\.com$", r"(x[a-z]*){1}y", r"a+b*(c|d)+"])
+def test_2_3_single_repetition_is_accepted(pattern):
+    assert config.parse_regex(pattern) is not None
+
+
+def test_3_2_a_hostile_address_against_an_accepted_pattern_is_answered_at_once(relay_factory):
+    relay = relay_factory(allowed_sender=r"^([a-z0-9._%+-]+)@(foo|bar)\.example\.com$",
+                          allowed_recipients=r"@([a-z0-9.-]+\.)?example\.com$")
+    with Talk(relay.port) as t:
+        assert t.reply().startswith("220 ")
+        t.cmd("EHLO x")
+        started = time.monotonic()
+        assert t.cmd("MAIL FROM:<%s@foo.example.co>" % ("a" * 3000)).startswith("5")
+        assert t.cmd("MAIL FROM:<a@foo.example.com>").startswith("250 ")
+        assert t.cmd("RCPT TO:<b@%s!>" % ("a." * 1500)).startswith("5")
+        assert time.monotonic() - started < 1.0
