@@ -241,6 +241,38 @@ def test_10_access_token_with_control_characters_is_refused(answering, relay_log
     assert not any(token in repr(r.__dict__) for r in relay_log.records)
 
 
+# -- the config surface (SPEC 2.1, 2.3, 7) --------------------------------------
+
+def check_in(folder, dotenv: bytes):
+    """`relay.py -check` run in `folder` with `dotenv` as its .env: (exit status, stdout, stderr)."""
+    (folder / ".env").write_bytes(dotenv)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SMTPRELAY_") or k.startswith("SMTPRELAY_TEST_")}
+    done = subprocess.run(relay_command() + ["-check"], cwd=str(folder), env=env, capture_output=True, timeout=30)
+    return done.returncode, done.stdout.decode("utf-8", "replace"), done.stderr.decode("utf-8", "replace")
+
+
+def test_2_1_dotenv_with_bom_and_crlf_is_read(tmp_path):
+    status, out, err = check_in(tmp_path, b"\xef\xbb\xbfhostname=bom.test\r\nlisten=127.0.0.1:2599\r\n"
+                                          b"remotes=file:outbox\r\n")
+    assert status == 0, err
+    assert "hostname = bom.test" in out.splitlines() and "listen = 127.0.0.1:2599" in out.splitlines()
+
+
+@pytest.mark.parametrize("dotenv, parts", [
+    (b"X" * (10 * 1024 * 1024) + b"=1\n", ["config: " + "X" * 50 + "...(10485760 characters)...X", ": unknown option"]),
+    (b"listen=" + b"a" * (10 * 1024 * 1024) + b"\n", ["config: listen: 'aaa", "characters)...", "is not host:port"]),
+    (b"hostname=\xff\xfe\x00binary\n", ["config: config: cannot read", "can't decode byte 0xff"]),
+    (b"host\x1b[31mname\x00=x\n", ["config: host\\x1b[31mname\\x00: unknown option"]),
+    (b"remotes=file:outbox\nallowed_sender=(a+)+$\n", ["config: allowed_sender: regex '(a+)+$': a repeated group"]),
+], ids=["10mb-key", "10mb-value", "not-utf8", "escape-in-key", "nested-repetition"])
+def test_7_hostile_config_is_one_bounded_printable_error_line(tmp_path, dotenv, parts):
+    status, out, err = check_in(tmp_path, dotenv)
+    assert status == 2 and out == ""
+    assert err.startswith("smtprelay: config: ") and err.endswith("\n") and err.count("\n") == 1
+    assert all(part in err for part in parts), err[:600]
+    assert len(err) < 600 and err.isascii() and err[:-1].isprintable(), err[:600]
+
+
 # -- regexes a client can make Python backtrack on (SPEC 2.3, 3.2) ----------------
 
 @pytest.mark.parametrize("pattern, yes, no", [
