@@ -30,6 +30,8 @@ from smtp_talk import Talk, write_users
 from test_metrics import get
 from test_proxy import ALLOWED, CLIENT, tlv, v1, v2
 
+PASSWORD = "s3cret-Pa55"
+
 
 # -- the metrics endpoint (SPEC 12) ---------------------------------------------
 
@@ -136,6 +138,159 @@ def test_12_metrics_hostile_requests_get_a_clear_status_and_a_bounded_log_line(m
     for record in relay_log.records:
         line = formatter.format(record)
         assert "\x1b" not in line and "\x00" not in line and len(line) < 1000, line[:200]
+
+
+# -- the PROXY header over sockets (SPEC 12) ----------------------------------
+
+@pytest.fixture(params=["plain", "tls"])
+def proxied_listener(request, relay_factory, certs):
+    """A relay behind a load balancer on 127.0.0.0/8, plain or tls://, three
+    slots and a 1 s read timeout; `.wrap(sock)` starts TLS on tls://."""
+    listen = "127.0.0.1:0" if request.param == "plain" else "tls://127.0.0.1:0"
+    relay = relay_factory(listen=listen, local_cert=certs.cert_path, local_key=certs.key_path,
+                          proxy_nets="127.0.0.0/8", allowed_nets=ALLOWED, max_connections=3,
+                          read_timeout="1s")
+    relay.tls = request.param == "tls"
+    if relay.tls:
+        relay.wrap = lambda sock: certs.client_context().wrap_socket(sock, server_hostname="localhost")
+    else:
+        relay.wrap = lambda sock: sock
+    return relay
+
+
+def _mail_through(relay, t, data=b""):
+    """After the header: (TLS,) the rest of the dialogue, pipelined in one write with `data`."""
+    t.sock = relay.wrap(t.sock)
+    t.send(data + b"EHLO printer.lan\r\nMAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.com>\r\n"
+           b"DATA\r\n")
+    assert t.reply().startswith("220 ")
+    assert t.reply().startswith("250-relay.test")
+    assert t.replies(3) == ["250 2.1.0 OK", "250 2.1.5 OK", "354 End data with <CR><LF>.<CR><LF>"]
+    assert t.cmd("Subject: x\r\n\r\nhello\r\n.").startswith("250 2.0.0 OK ")
+
+
+@pytest.mark.parametrize("header", [v1(), v2(), v2(tlvs=tlv(0x05, b"u" * 2000))], ids=["v1", "v2", "v2-tlvs"])
+def test_12_proxy_header_in_single_bytes_then_smtp_in_the_same_write(proxied_listener, header):
+    relay = proxied_listener
+    with Talk(relay.port) as t:
+        for octet in header[:-1]:
+            t.send(bytes([octet]))
+        if relay.tls:  # the client's TLS starts after the header
+            t.send(header[-1:])
+            _mail_through(relay, t)
+        else:  # the last header octet and the SMTP commands in one packet
+            _mail_through(relay, t, header[-1:])
+    assert wait_until(lambda: relay.active_sessions == 0)
+    assert [meta["peer"] for meta, _ in outbox_messages(relay.outbox)] == [CLIENT]
+
+
+STALLS = [
+    v2(length=2000),  # says 2000 octets, sends 12, waits
+    v1()[:-2],  # the whole v1 line but its CRLF, then nothing
+    b"PROXY TCP4 192.0.2.10 ",
+]
+
+
+def test_12_proxy_stalled_headers_time_out_and_every_slot_comes_back(proxied_listener):
+    relay = proxied_listener
+    talks = [Talk(relay.port) for _ in STALLS]  # every slot
+    try:
+        started = time.monotonic()
+        for t, data in zip(talks, STALLS):
+            t.send(data)
+        assert all(wait_until(t.closed, 5) and t.buf == b"" for t in talks)
+        assert time.monotonic() - started < 3  # read_timeout is 1 s
+    finally:
+        for t in talks:
+            t.close()
+    assert wait_until(lambda: relay.active_sessions == 0)
+    with Talk(relay.port) as t:
+        t.send(v1())
+        _mail_through(relay, t)
+
+
+def test_12_proxy_tlv_bomb_is_closed_at_once_without_reading_it(proxied_listener):
+    relay = proxied_listener
+    with Talk(relay.port) as t:
+        started = time.monotonic()
+        t.send(v2(length=0xFFFF) + b"\x05\xff\xff" + b"B" * 4096)
+        assert t.closed() and t.buf == b""
+        assert time.monotonic() - started < 0.9  # refused on the length, not after read_timeout
+    assert wait_until(lambda: relay.active_sessions == 0)
+
+
+# -- AUTH (SPEC 2.4, 3.2) -------------------------------------------------------
+
+def b64(data):
+    return base64.b64encode(data).decode("ascii")
+
+
+@pytest.fixture
+def auth_relay(relay_factory, certs, tmp_path):
+    users = write_users(tmp_path / "users", {"alice": (PASSWORD, None)})
+    relay = relay_factory(listen="tls://127.0.0.1:0", local_cert=certs.cert_path, local_key=certs.key_path,
+                          allowed_users=users)
+    relay.users_path = users
+    relay.client_context = certs.client_context
+    return relay
+
+
+@pytest.mark.parametrize("lines, expected", [
+    (["AUTH PLAIN " + "QUFB" * 262144], "500 5.5.2 Line too long"),  # 1 MB of base64 on the AUTH line
+    (["AUTH PLAIN", "QUFB" * 262144], "501 5.5.2 Cannot decode response"),  # ... as the response
+    (["AUTH PLAIN " + b64(b"\0alice\0\xff\xfe\x80" + b"\xc3" * 2000)], "535 5.7.8 Authentication credentials invalid"),
+    (["AUTH PLAIN " + b64(b"\0\xff\x1b[31malice\0" + PASSWORD.encode())], "535 5.7.8 Authentication credentials invalid"),
+    (["AUTH LOGIN " + b64(b"alice"), b64(b"\x00\x01\xff" * 900)], "535 5.7.8 Authentication credentials invalid"),
+    (["AUTH PLAIN " + b64(b"\0alice\0" + b"p" * 3000)], "535 5.7.8 Authentication credentials invalid"),
+    (["AUTH PLAIN " + "@@@@"], "501 5.5.2 Cannot decode response"),
+], ids=["1mb-line", "1mb-response", "non-utf8-password", "non-utf8-user", "login-binary", "3000-octets",
+        "not-base64"])
+def test_3_2_absurd_auth_gets_a_clear_reply_and_the_session_goes_on(auth_relay, relay_log, lines, expected):
+    with Talk(auth_relay.port, tls=auth_relay.client_context()) as t:
+        assert t.reply().startswith("220 ")
+        assert t.cmd("EHLO x").startswith("250-")
+        for line in lines[:-1]:
+            assert t.cmd(line).startswith("334")
+        assert t.cmd(lines[-1]) == expected
+        # The same session goes on: the right password still works.
+        assert t.cmd("AUTH PLAIN " + b64(b"\0alice\0" + PASSWORD.encode())) == "235 2.7.0 Authentication successful"
+    assert not [r for r in relay_log.records if r.exc_info]
+    formatter = logs.make_formatter("default", None)
+    assert all("\x1b" not in formatter.format(r) for r in relay_log.records)
+
+
+def test_2_4_users_file_replaced_while_many_threads_authenticate(auth_relay, relay_log, tmp_path):
+    relay = auth_relay
+    write_users(tmp_path / "other", {"alice": ("another-Pa55", None)})
+    write_users(tmp_path / "same", {"alice": (PASSWORD, None)})
+    answers, errors = [], []
+
+    def client(number, password):
+        try:  # each from an address of its own: no guessing penalty between them
+            with Talk(relay.port, tls=relay.client_context(), timeout=10, source="127.0.0.%d" % number) as t:
+                t.reply()
+                t.cmd("EHLO x")
+                answers.append(t.cmd("AUTH PLAIN " + b64(b"\0alice\0" + password))[:3])
+        except Exception as exc:  # noqa: BLE001 - recorded and asserted below
+            errors.append(repr(exc))
+
+    passwords = [PASSWORD.encode(), b"another-Pa55", b"wrong"] * 4
+    threads = [threading.Thread(target=client, args=(i + 2, p + (b"%d" % i if p == b"wrong" else b"")))
+               for i, p in enumerate(passwords)]
+    for t in threads:
+        t.start()
+    contents = [(tmp_path / name).read_bytes() for name in ("other", "same")]
+    staged = tmp_path / "staged"
+    for i in range(20):  # swap the file under the running AUTHs, atomically as an editor would
+        staged.write_bytes(contents[i % 2])
+        os.replace(str(staged), relay.users_path)
+    for t in threads:
+        t.join(20)
+    assert errors == [] and not any(t.is_alive() for t in threads)
+    # Whichever file is in place, one of the two passwords is right: never a 454 or a 421.
+    assert set(answers) == {"235", "535"} and len(answers) == len(passwords)
+    assert not [r for r in relay_log.records if r.exc_info]
+    assert wait_until(lambda: relay.active_sessions == 0)
 
 
 # -- the OAuth token endpoint (SPEC 10) -------------------------------------------
@@ -313,3 +468,23 @@ def test_3_2_a_hostile_address_against_an_accepted_pattern_is_answered_at_once(r
         assert t.cmd("MAIL FROM:<a@foo.example.com>").startswith("250 ")
         assert t.cmd("RCPT TO:<b@%s!>" % ("a." * 1500)).startswith("5")
         assert time.monotonic() - started < 1.0
+
+
+# -- what a hostile HELO does to the log (SPEC 6, 7) -------------------------------
+
+def test_7_helo_full_of_escape_sequences_is_logged_escaped_and_bounded(relay_factory, relay_log):
+    relay = relay_factory()
+    hostile = ("\x1b[31m\x1b]0;owned\x07\x08\x00\x7f" * 400)[:4000]
+    with Talk(relay.port) as t:
+        assert t.reply().startswith("220 ")
+        t.send(b"HELO " + hostile.encode("latin-1") + b"\r\n")
+        assert t.reply().startswith("250 ")
+        assert t.cmd("EHLO " + "x" * 5000).startswith("500 5.5.2 Line too long")
+        assert t.to_data().startswith("354 ")
+        assert t.cmd("Subject: x\r\n\r\nhello\r\n.").startswith("250 ")
+    for fmt in ("default", "json", "plain"):
+        formatter = logs.make_formatter(fmt, None)
+        for record in relay_log.records:
+            line = formatter.format(record)
+            assert "\n" not in line and len(line) < 4300, line[:200]
+            assert not re.search(r"[\x00-\x08\x0b-\x1f\x7f]", line), line[:200]
