@@ -363,7 +363,7 @@ def test_10_trickled_token_answer_is_cut_at_remote_timeout():
         trickle.stop()
 
 
-def test_10_100_mb_token_answer_is_read_no_further_than_64_kb(answering):
+def test_10_token_answer_of_100_mb_is_read_no_further_than_64_kb(answering):
     endpoint = answering(size=100 * 1024 * 1024)
     tracemalloc.start()
     try:
