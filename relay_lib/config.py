@@ -29,11 +29,28 @@ TLS_PROFILES = ("default", "modern", "intermediate", "legacy")
 LISTEN_SCHEMES = {"": "plain", "tls://": "tls", "starttls://": "starttls"}
 
 
+OPTION_SHOWN, REASON_SHOWN = 100, 400  # characters of a config error; a 10 MB line must not become one
+
+
+def _bounded(text: str, limit: int) -> str:
+    """`text` printable (control characters escaped) and at most about `limit`
+    characters: a longer one keeps its start and its end, which says why."""
+    if not text.isprintable():
+        text = ascii(text)[1:-1]
+    if len(text) <= limit:
+        return text
+    return "%s...(%d characters)...%s" % (text[:limit // 2], len(text), text[-(limit // 2):])
+
+
 class ConfigError(Exception):
-    """A configuration mistake: which option, and why."""
+    """A configuration mistake: which option, and why.
+
+    Its text is one printable line of bounded length whatever bytes the file
+    held: control characters are escaped, a long name or reason is cut short.
+    """
 
     def __init__(self, option: str, reason: str):
-        super().__init__("config: %s: %s" % (option, reason))
+        super().__init__("config: %s: %s" % (_bounded(option, OPTION_SHOWN), _bounded(reason, REASON_SHOWN)))
         self.option = option
         self.reason = reason
 

@@ -72,6 +72,20 @@ def translate(text: str, ignore_case: bool = False) -> Tuple[str, bool]:
     return pattern, ("(?%s)" % own if own else "") + body != text
 
 
+# Python's re backtracks, RE2 does not: a repeated group that itself repeats
+# takes exponential time on an address that almost matches (SPEC 3.2).
+_NESTED = ("a repeated group that repeats inside, like (a+)+, can take Python exponential "
+           "time on a hostile address; repeat only once, e.g. ([a-z]+\\.)* as ([a-z.]+\\.)?")
+
+
+def _repeats(quantifier: str) -> bool:
+    """True for a quantifier that allows more than one of its atom."""
+    m = re.match(r"\{(\d+)(,(\d*))?\}", quantifier)
+    if m is None:
+        return quantifier[0] in "*+"
+    return m.group(2) is not None and (not m.group(3) or int(m.group(3)) > 1) or int(m.group(1)) > 1
+
+
 def _unsupported(what: str) -> ValueError:
     return ValueError("%s is not RE2 syntax (the Go smtprelay refuses it too)" % what)
 
@@ -88,6 +102,7 @@ class _Parser:
         self.text = text
         self.pos = start
         self.base = dict(flags)
+        self.repeats = 0  # repetitions parsed so far; a group that grew it repeats inside
 
     def parse(self) -> str:
         out = self._alternation(dict(self.base), top=True)
@@ -103,6 +118,7 @@ class _Parser:
     def _alternation(self, flags: Dict[str, bool], top: bool = False) -> str:
         parts: List[str] = []
         atom_ready = False  # True after an atom a quantifier may follow
+        inner_repeats = False  # True when that atom holds a repetition
         while self.pos < len(self.text):
             c = self.text[self.pos]
             if c == ")":
@@ -120,17 +136,23 @@ class _Parser:
                     if not atom_ready:
                         raise ValueError("%r repeats nothing (missing argument to repetition "
                                          "operator)" % quantifier)
+                    if _repeats(quantifier):
+                        if inner_repeats:
+                            raise ValueError(_NESTED)
+                        self.repeats += 1
                     parts.append(quantifier)
                     atom_ready = False
                     continue
                 self.pos += 1  # a "{" that starts no repeat is a literal in RE2
                 parts.append(self._wrap(self._literal(ord("{")), flags, ("i",)))
-                atom_ready = True
+                atom_ready, inner_repeats = True, False
                 continue
+            before = self.repeats
             atom = self._atom(flags)
             if atom is not None:
                 parts.append(atom)
                 atom_ready = True
+                inner_repeats = self.repeats > before
             else:
                 atom_ready = False  # a flag group like (?i) is no atom
         return "".join(parts)
@@ -186,7 +208,7 @@ class _Parser:
             self.pos = m.end()
             if m.group(1) is None:  # flags: (?i) or (?i-s:...)
                 on, off = m.group(2), m.group(3)
-                if (not on and not off) or off == "":
+                if (not on and not off and m.group(4) == ")") or off == "":  # (?:x) is a plain group
                     raise ValueError("empty flag group at %d" % (start))
                 for f in on:
                     inner_flags[f] = True

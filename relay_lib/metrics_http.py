@@ -2,7 +2,8 @@
 `GET /healthz`, from a `ThreadingHTTPServer` in a thread of its own.
 
 Owns that server and its limits: one request per connection, short socket
-timeouts, a few requests at a time, 404 for any other path. Must not count
+timeouts and a deadline over each whole request, a few requests at a time,
+404 for any other path. Must not count
 anything: it renders `metrics.REGISTRY` and asks its caller whether the relay
 is healthy. Only `server.py` starts it.
 """
@@ -15,12 +16,15 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable
 from urllib.parse import urlsplit
 
+from .deadline import Deadline
 from .logs import fields, log
 from .metrics import REGISTRY
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"  # the Prometheus text format
 SOCKET_TIMEOUT = 5.0  # seconds for each read and write of a request
+REQUEST_DEADLINE = 5.0  # seconds for a whole request: one header byte a second cannot hold a slot
 MAX_REQUESTS = 4  # requests served at once; more are closed unanswered
+LOGGED_REQUEST = 200  # characters of a request line kept in the debug log
 POLL_INTERVAL = 0.1  # seconds; how fast serve_forever notices shutdown()
 
 
@@ -30,7 +34,10 @@ class _Handler(BaseHTTPRequestHandler):
     sys_version = ""
 
     def do_GET(self) -> None:
-        path = urlsplit(self.path).path
+        target = self.path
+        if target.startswith("//"):  # a path, as http.server reads it from Python 3.11.4 on (gh-87389)
+            target = "/" + target.lstrip("/")
+        path = urlsplit(target).path
         if path == "/metrics":
             self._answer(HTTPStatus.OK, REGISTRY.render(), CONTENT_TYPE)
         elif path == "/healthz":
@@ -52,7 +59,10 @@ class _Handler(BaseHTTPRequestHandler):
 
     def log_message(self, fmt: str, *args) -> None:
         # http.server writes every request to stderr; a scrape is not news.
-        log.debug("metrics request", extra=fields(peer=self.client_address[0], request=fmt % args))
+        request = fmt % args
+        if len(request) > LOGGED_REQUEST:  # a request line may be 64 KB
+            request = "%s... (%d characters)" % (request[:LOGGED_REQUEST], len(request))
+        log.debug("metrics request", extra=fields(peer=self.client_address[0], request=request))
 
 
 class MetricsHTTPServer(ThreadingHTTPServer):
@@ -86,9 +96,13 @@ class MetricsHTTPServer(ThreadingHTTPServer):
             raise
 
     def process_request_thread(self, request: socket.socket, client_address) -> None:
+        deadline = Deadline(REQUEST_DEADLINE)
+        deadline.watch(request)
+        deadline.start()
         try:
             super().process_request_thread(request, client_address)
         finally:
+            deadline.expire()
             self._requests.release()
 
     def handle_error(self, request, client_address) -> None:

@@ -18,12 +18,14 @@ import urllib.request
 from typing import Dict, Optional, Tuple
 
 from . import metrics
+from .deadline import Deadline
 from .logs import fields, log, mask_url
 from .remotes import is_loopback
 
 DEFAULT_SCOPE = "https://outlook.office365.com/.default"  # Exchange Online, app-only
 RENEW_BEFORE = 300.0  # SPEC 10: renew 5 minutes before expires_in ...
 DEFAULT_LIFETIME = 3600  # expires_in is only RECOMMENDED [R6749 5.1]; an hour is what both big providers give
+MAX_LIFETIME = 86400  # a longer expires_in counts as a day: renewed at half of it, never unbounded
 MAX_ANSWER = 64 * 1024  # a token answer is a few KB; more is not a token endpoint
 DESCRIPTION_MAX = 300  # characters of error_description kept in an error
 
@@ -121,10 +123,9 @@ class TokenSource:
         self._error: Optional[TokenError] = None
         self._busy = False
         self._cond = threading.Condition()
-        handlers = []
+        self._handlers = []
         if is_loopback(urllib.parse.urlsplit(url).hostname or ""):
-            handlers.append(urllib.request.ProxyHandler({}))  # never through http_proxy
-        self._opener = urllib.request.build_opener(*handlers)
+            self._handlers.append(urllib.request.ProxyHandler({}))  # never through http_proxy
 
     @property
     def grant(self) -> str:
@@ -201,9 +202,13 @@ class TokenSource:
         request = urllib.request.Request(
             self.url, data=urllib.parse.urlencode(form).encode("ascii"), method="POST",
             headers={"Content-Type": "application/x-www-form-urlencoded", "Accept": "application/json"})
-        started = time.monotonic()
+        # The timeout bounds the whole call, not each read: an endpoint that
+        # trickles its answer must not hold every waiting sender longer.
+        deadline = Deadline(self.timeout)
+        opener = deadline.opener(None, *self._handlers)
+        deadline.start()
         try:
-            with self._opener.open(request, timeout=self.timeout) as answer:
+            with opener.open(request, timeout=self.timeout) as answer:
                 status, data = answer.status, answer.read(MAX_ANSWER + 1)
         except urllib.error.HTTPError as exc:
             try:
@@ -212,14 +217,20 @@ class TokenSource:
                 status, data = exc.code, b""
             finally:
                 exc.close()
-        except http.client.HTTPException as exc:  # not an OSError: an answer that is not HTTP
-            raise self._failed("token endpoint answered no HTTP: %s: %s" % (
-                type(exc).__name__, exc)) from None
-        except OSError as exc:  # URLError, socket.timeout, ssl errors, a reset connection
+        except (OSError, http.client.HTTPException) as exc:
+            # URLError, socket.timeout, ssl errors, a reset connection, or an
+            # answer that is not HTTP (http.client's errors are no OSErrors).
             reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
-            if isinstance(reason, socket.timeout) or time.monotonic() - started >= self.timeout:
+            if isinstance(reason, socket.timeout) or deadline.fired:
                 raise self._failed("token endpoint timed out after %gs" % self.timeout) from None
+            if isinstance(exc, http.client.HTTPException):
+                raise self._failed("token endpoint answered no HTTP: %s: %s" % (
+                    type(exc).__name__, exc)) from None
             raise self._failed("token endpoint unreachable: %s" % (reason,)) from None
+        finally:
+            deadline.expire()
+        if deadline.fired:  # an answer cut short by the deadline may look complete
+            raise self._failed("token endpoint timed out after %gs" % self.timeout)
         token = self._parse(status, data)
         log.debug("oauth token", extra=fields(grant=self.grant, expires_in=token.expires_in,
                                               url=self.url))
@@ -241,15 +252,18 @@ class TokenSource:
         access_token = answer.get("access_token")
         if not isinstance(access_token, str) or not access_token:
             raise self._failed("token endpoint answered without an access_token")
+        if not access_token.isascii() or not access_token.isprintable() or " " in access_token:
+            # [R6750 2.1] b64token; a control character would break the SASL string.
+            raise self._failed("token endpoint answered an access_token that is not printable ASCII")
         expires_in = answer.get("expires_in", DEFAULT_LIFETIME)
         try:
             expires_in = int(expires_in)  # Microsoft sends a number, some servers a string
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):  # OverflowError: JSON's Infinity, 1e999
             expires_in = DEFAULT_LIFETIME
         rotated = answer.get("refresh_token")
         if self._refresh_token and isinstance(rotated, str) and rotated:
             self._refresh_token = rotated
-        return Token(access_token, max(expires_in, 1), time.monotonic())
+        return Token(access_token, min(max(expires_in, 1), MAX_LIFETIME), time.monotonic())
 
     def _failed(self, text: str) -> TokenError:
         """A TokenError whose text, whatever the endpoint echoed, holds no secret."""

@@ -10,17 +10,15 @@ import base64
 import binascii
 import hashlib
 import hmac
-import http.client
 import json
 import re
-import socket
 import ssl
-import threading
 import urllib.error
 import urllib.parse
 import urllib.request
 from typing import Any, Dict, NamedTuple, Optional
 
+from .deadline import Deadline
 from .remotes import is_loopback
 
 ACCEPT, REPLACE, REJECT, DISCARD, TEMPFAIL = "accept", "replace", "reject", "discard", "tempfail"
@@ -64,17 +62,15 @@ def scan(url: str, payload: Dict[str, Any], secret: Optional[str], timeout: floa
     headers = {"Content-Type": "application/json", "X-Smtprelay-Id": str(payload.get("id", ""))}
     if secret:
         headers["X-Smtprelay-Signature"] = signature(secret, body)
-    deadline = _Deadline()
-    handlers = [_HTTPHandler(deadline), _HTTPSHandler(deadline, context), _NoRedirect()]
+    deadline = Deadline(timeout)
+    handlers = [_NoRedirect()]
     if is_loopback(urllib.parse.urlsplit(url).hostname or ""):
         # A scanner on this machine is never reached through the http_proxy
         # an administrator set for the outside world.
         handlers.append(urllib.request.ProxyHandler({}))
-    opener = urllib.request.build_opener(*handlers)
+    opener = deadline.opener(context, *handlers)
     request = urllib.request.Request(url, data=body, headers=headers, method="POST")
-    timer = threading.Timer(timeout, deadline.fire)
-    timer.daemon = True
-    timer.start()
+    deadline.start()
     try:
         with opener.open(request, timeout=timeout) as answer:
             data = answer.read(max_answer + 1)
@@ -89,7 +85,6 @@ def scan(url: str, payload: Dict[str, Any], secret: Optional[str], timeout: floa
             return Verdict(TEMPFAIL, reason="timed out after %gs" % timeout)
         return Verdict(TEMPFAIL, reason=_without_secret(_describe(exc), url))
     finally:
-        timer.cancel()
         deadline.expire()  # close anything urllib left open
     # A read cut short by the timer may look complete (a body delimited by
     # the connection close): never trust an answer that arrived too late.
@@ -175,83 +170,6 @@ def _describe(exc: BaseException) -> str:
         exc = exc.reason
     text = str(exc) or type(exc).__name__
     return "%s: %s" % (type(exc).__name__, text)
-
-
-class _Deadline:
-    """Shuts down every socket of one call when its time is up.
-
-    urllib's timeout applies to each socket operation; a scanner sending one
-    byte every few seconds would never trip it. Shutting the socket down from
-    a timer makes the blocked read return at once.
-    """
-
-    def __init__(self):
-        self.fired = False
-        self.expired = False
-        self._sockets = []
-        self._lock = threading.Lock()
-
-    def watch(self, sock: socket.socket) -> None:
-        with self._lock:
-            self._sockets.append(sock)
-            if not self.expired:
-                return
-        _shutdown(sock)
-
-    def fire(self) -> None:
-        """The timer ran out: stop the call."""
-        self.fired = True
-        self.expire()
-
-    def expire(self) -> None:
-        with self._lock:
-            self.expired = True
-            sockets, self._sockets = self._sockets, []
-        for sock in sockets:
-            _shutdown(sock)
-
-
-def _shutdown(sock: socket.socket) -> None:
-    try:
-        sock.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass  # already closed by urllib or by the peer: nothing left to stop
-
-
-def _watched(base, deadline: _Deadline):
-    """An http.client connection class whose sockets the deadline can stop."""
-
-    class Connection(base):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            create = self._create_connection
-
-            def create_watched(*a, **kw):
-                sock = create(*a, **kw)
-                deadline.watch(sock)
-                return sock
-
-            self._create_connection = create_watched
-
-    return Connection
-
-
-class _HTTPHandler(urllib.request.HTTPHandler):
-    def __init__(self, deadline: _Deadline):
-        super().__init__()
-        self._connection = _watched(http.client.HTTPConnection, deadline)
-
-    def http_open(self, req):
-        return self.do_open(self._connection, req)
-
-
-class _HTTPSHandler(urllib.request.HTTPSHandler):
-    def __init__(self, deadline: _Deadline, context: Optional[ssl.SSLContext]):
-        super().__init__(context=context)
-        self._connection = _watched(http.client.HTTPSConnection, deadline)
-
-    def https_open(self, req):
-        return self.do_open(self._connection, req, context=self._context)
 
 
 class _NoRedirect(urllib.request.HTTPRedirectHandler):
