@@ -73,9 +73,24 @@ def translate(text: str, ignore_case: bool = False) -> Tuple[str, bool]:
 
 
 # Python's re backtracks, RE2 does not: a repeated group that itself repeats
-# takes exponential time on an address that almost matches (SPEC 3.2).
+# takes exponential time on an address that almost matches (SPEC 3.2), unless
+# each round of the group ends with a character its repeats cannot take, as
+# in the common ([a-z0-9-]+\.)*: then there is one way to split the text.
 _NESTED = ("a repeated group that repeats inside, like (a+)+, can take Python exponential "
-           "time on a hostile address; repeat only once, e.g. ([a-z]+\\.)* as ([a-z.]+\\.)?")
+           "time on a hostile address; end the group with a character its repeats cannot "
+           "match, like ([a-z0-9-]+\\.)*, or repeat only once")
+
+
+def _delimited(last: Optional[str], repeated: List[str], ignore_case: bool) -> bool:
+    """True when a group's last atom is one literal character (or its other
+    case) that none of the group's repeated atoms can match."""
+    if last is None or last.startswith("[") or last.startswith("(?") and "[" in last:
+        return False
+    flags = re.IGNORECASE if ignore_case else 0
+    takes = [chr(c) for c in range(128) if re.fullmatch(last, chr(c), flags)]
+    if not 1 <= len(takes) <= 2:
+        return False
+    return not any(re.fullmatch(atom, ch, flags) for atom in repeated for ch in takes)
 
 
 def _repeats(quantifier: str) -> bool:
@@ -103,6 +118,9 @@ class _Parser:
         self.pos = start
         self.base = dict(flags)
         self.repeats = 0  # repetitions parsed so far; a group that grew it repeats inside
+        self.repeated: List[str] = []  # every repeated atom so far, in Python syntax
+        self.ending: Optional[str] = None  # the last closed group's final atom, unrepeated
+        self.group_repeated: List[str] = []  # the repeated atoms inside that group
 
     def parse(self) -> str:
         out = self._alternation(dict(self.base), top=True)
@@ -137,9 +155,10 @@ class _Parser:
                         raise ValueError("%r repeats nothing (missing argument to repetition "
                                          "operator)" % quantifier)
                     if _repeats(quantifier):
-                        if inner_repeats:
+                        if inner_repeats and not _delimited(self.ending, self.group_repeated, self.base["i"]):
                             raise ValueError(_NESTED)
                         self.repeats += 1
+                        self.repeated.append(parts[-1])
                     parts.append(quantifier)
                     atom_ready = False
                     continue
@@ -155,6 +174,7 @@ class _Parser:
                 inner_repeats = self.repeats > before
             else:
                 atom_ready = False  # a flag group like (?i) is no atom
+        self.ending = parts[-1] if atom_ready and "|" not in parts else None
         return "".join(parts)
 
     def _quantifier(self, flags: Dict[str, bool]) -> Optional[str]:
@@ -218,7 +238,9 @@ class _Parser:
                     flags.update(inner_flags)  # reaches to the end of the enclosing group
                     return None
                 opener = "(?:"
+        mark = len(self.repeated)
         body = self._alternation(inner_flags)
+        self.group_repeated = self.repeated[mark:]
         if self._peek() != ")":
             raise ValueError("missing closing ) for the group at %d" % (start))
         self.pos += 1

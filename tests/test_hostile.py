@@ -440,8 +440,8 @@ def test_2_3_non_capturing_group_is_go_syntax(pattern, yes, no):
 
 
 @pytest.mark.parametrize("option", ["allowed_sender", "allowed_recipients"])
-@pytest.mark.parametrize("pattern", [r"(a+)+$", r"^(\w+\s?)*$", r"@([a-z0-9-]+\.)*example\.com$",
-                                     r"(a*){2,}b", r"((ab)*c)+", r"(?:x|a+)*y"])
+@pytest.mark.parametrize("pattern", [r"(a+)+$", r"^(\w+\s?)*$", r"([a-z.]+\.)*$", r"(?i)([A-Z]+x)*$",
+                                     r"(a*){2,}b", r"(?:x|a+)*y"])
 def test_2_3_nested_repetition_is_refused_naming_the_option(tmp_path, option, pattern):
     ini = tmp_path / "relay.ini"
     write_ini(ini, {"listen": "127.0.0.1:0", "remotes": "file:outbox", option: pattern})
@@ -452,14 +452,17 @@ def test_2_3_nested_repetition_is_refused_naming_the_option(tmp_path, option, pa
 
 
 @pytest.mark.parametrize("pattern", [r"(a+)?b", r"(ab|cd)+", r"^([a-z0-9._%+-]+)@example\.com$",
-                                     r"@([a-z0-9.-]+\.)?example\.com$", r"(x[a-z]*){1}y", r"a+b*(c|d)+"])
-def test_2_3_single_repetition_is_accepted(pattern):
+                                     r"@([a-z0-9.-]+\.)?example\.com$", r"(x[a-z]*){1}y", r"a+b*(c|d)+",
+                                     r"@([a-z0-9-]+\.)*example\.com$", r"((ab)*c)+"])
+def test_2_3_single_or_delimited_repetition_is_accepted(pattern):
+    """A group repeated whole is fine when each round ends with a character
+    its own repeats cannot take: the text then splits one way only."""
     assert config.parse_regex(pattern) is not None
 
 
 def test_3_2_a_hostile_address_against_an_accepted_pattern_is_answered_at_once(relay_factory):
     relay = relay_factory(allowed_sender=r"^([a-z0-9._%+-]+)@(foo|bar)\.example\.com$",
-                          allowed_recipients=r"@([a-z0-9.-]+\.)?example\.com$")
+                          allowed_recipients=r"@([a-z0-9-]+\.)*example\.com$")
     with Talk(relay.port) as t:
         assert t.reply().startswith("220 ")
         t.cmd("EHLO x")
