@@ -7,6 +7,10 @@ still owes (`Job`, `Pair`: the spool stores them and retries the rest, SPEC
 bytes and returns the one reply for the client.
 """
 
+# Annotations stay unevaluated: _forward defines its nested functions for
+# every message, and evaluating List[...] and Tuple[...] each time shows.
+from __future__ import annotations
+
 import base64
 import itertools
 import os
@@ -160,7 +164,8 @@ class Delivery:
         except Exception:  # noqa: BLE001
             log.exception("delivery failed", extra=fields(id=env.id))
             reply = replies.FORWARD_TEMPFAIL
-        queued = reply == replies.queued(env.id)
+        # Without a spool no reply is "queued": skip building one to compare (hot path).
+        queued = self.spool is not None and reply == replies.queued(env.id)
         metrics.MESSAGES.labels("queued" if queued else metrics.message_result(reply.code)).inc()
         log.info("message", extra=fields(
             id=env.id, peer=env.peer, user=env.user or "", **{"from": env.mail_from},
@@ -189,19 +194,21 @@ class Delivery:
             return replies.NO_ROUTE
         job = self.new_job(env, message, plan, scan=bool(s.webhook_url))
         if self.spool is None:
-            return self.run_steps(job, results) or replies.accepted(env.id)
+            return self.run_steps(job, results, plan=plan) or replies.accepted(env.id)
         failure = self.run_steps(job, results, keep_going=True,
-                                 scan_only=s.spool_mode == "always")
+                                 scan_only=s.spool_mode == "always", plan=plan)
         return self.spool.settle(job, failure)
 
     def run_steps(self, job: Job, results: List[str], keep_going: bool = False,
-                  scan_only: bool = False) -> Optional[Reply]:
+                  scan_only: bool = False, plan=None) -> Optional[Reply]:
         """Run the steps `job` still owes, in order; returns the first failure's reply, or None.
 
         A webhook or command failure stops there; a permanent one refuses
         every pending pair. Remotes are tried in order; without `keep_going`
         the first failure stops (SPEC 5.3), with it every destination gets its
-        try and the pairs record what each one did (SPEC 9).
+        try and the pairs record what each one did (SPEC 9). `plan` is the
+        routing the job was just made from; without it the remotes are routed
+        again (a retry: the configuration may have changed meanwhile).
         """
         env = job.env
         if job.scan:
@@ -234,7 +241,7 @@ class Delivery:
             job.command = False
             if not self.settings.remotes:
                 _settle_pending(job, DELIVERED, "command 0")
-        return self._forward(job, results, keep_going)
+        return self._forward(job, results, keep_going, plan)
 
     def new_job(self, env: Envelope, message: bytes, plan, scan: bool) -> Job:
         """A job with every step to do: one pair per routed recipient of each
@@ -256,7 +263,7 @@ class Delivery:
         log.warning("webhook failed", extra=fields(id=env.id, reason=verdict.reason))
         return replies.SCAN_UNAVAILABLE
 
-    def _forward(self, job: Job, results: List[str], keep_going: bool) -> Optional[Reply]:
+    def _forward(self, job: Job, results: List[str], keep_going: bool, plan) -> Optional[Reply]:
         """One transaction per destination with pending pairs, in the order
         listed; a failover group tries its members (SPEC 5.3, 11). Without
         `keep_going` the first failure stops; with it each destination gets
@@ -293,12 +300,22 @@ class Delivery:
             else:
                 results.append("%s %s" % (remote.masked(), outcome))
 
-        plan = remotes.route(self.settings.remotes, env.mail_from, [p.rcpt for p in job.pending()],
-                             self.settings.strict_sender)
+        if plan is None:
+            # A retry: route again, and move the pairs whose destination
+            # changed meanwhile. The plan a new job was just made from needs
+            # neither (every pair is where it routes), so a first attempt
+            # skips both: this runs for every message.
+            plan = remotes.route(self.settings.remotes, env.mail_from, [p.rcpt for p in job.pending()],
+                                 self.settings.strict_sender)
+            _follow_routes(job, plan, {dest.name for dest in remotes.destinations(self.settings.remotes)})
         routes = {dest.name: dest for dest, _ in plan}
-        _follow_routes(job, plan, {dest.name for dest in remotes.destinations(self.settings.remotes)})
-        for name in _unique_order(p.dest for p in job.pending()):
-            current = {p.rcpt: p for p in job.pending() if p.dest == name}
+        # Each destination's pending pairs, in the order listed, found in one
+        # pass over the pairs. A destination's pairs change only while it is
+        # tried, so finding them first is the same.
+        owed_by: Dict[str, Dict[str, Pair]] = {}
+        for pair in job.pending():
+            owed_by.setdefault(pair.dest, {})[pair.rcpt] = pair
+        for name, current in owed_by.items():
             dest = routes.get(name)
             if dest is None:  # the configuration changed while the message was queued
                 job.error = "%s is no longer configured" % name
@@ -445,10 +462,6 @@ def _unique(addrs) -> List[str]:
             seen.add(key)
             out.append(addr)
     return out
-
-
-def _unique_order(items) -> List[str]:
-    return list(dict.fromkeys(items))
 
 
 def _utc(moment: datetime) -> str:
