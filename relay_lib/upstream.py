@@ -105,10 +105,12 @@ class _ReplyReader:
                 line = bytes(buf[:cut])
                 del buf[:cut]
                 return line
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise socket.timeout("no complete reply within %gs" % limit)
             if self.waited:
+                # Only a later recv needs the clock: the first one is bounded
+                # by the socket's timeout, the whole deadline (hot path).
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise socket.timeout("no complete reply within %gs" % limit)
                 _recv_limit(self.sock, remaining)
                 self.shortened = True
             try:
