@@ -237,7 +237,8 @@ class Session:
     def _last_words(self, reply: Reply) -> None:
         """Send a closing reply when the peer can still hear it."""
         self.closing = True
-        self._trace_reply(reply)
+        if self.tracing:
+            self._trace_reply(reply)
         try:
             self.wire.write(reply)
             self.wire.flush()
@@ -260,7 +261,8 @@ class Session:
             self._fail(replies.UNRECOGNIZED, length=len(line), **known)
             return
         arg = raw_arg.decode("utf-8", "replace").strip(" ")
-        self._trace_command(verb, arg)
+        if self.tracing:  # tested here: a call per command costs even when it logs nothing
+            self._trace_command(verb, arg)
         for gate in GATES.get(verb, ()):
             refusal = gate(self)
             if refusal is not None:
@@ -275,19 +277,17 @@ class Session:
     # keeps to events.
 
     def _trace_command(self, verb: str, arg: str) -> None:
-        if not self.tracing:
-            return
         if verb == "AUTH":
             # Never log credentials, not even base64 (STYLE 9): keep the mechanism.
             arg = arg.split(" ", 1)[0] + (" ***" if " " in arg else "")
         self.log.log(TRACE, "command", extra=fields(line=clean_echo(("%s %s" % (verb, arg)).rstrip())))
 
     def _trace_reply(self, reply: Reply) -> None:
-        if self.tracing:
-            self.log.log(TRACE, "reply", extra=fields(line=str(reply).replace("\r\n", " | ")))
+        self.log.log(TRACE, "reply", extra=fields(line=str(reply).replace("\r\n", " | ")))
 
     def _reply(self, reply: Reply) -> None:
-        self._trace_reply(reply)
+        if self.tracing:  # as in handle(): no call per reply unless tracing
+            self._trace_reply(reply)
         self.wire.write(reply)
 
     def _fail(self, reply: Reply, **why) -> bool:
