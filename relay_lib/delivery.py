@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import itertools
+import logging
 import os
 import re
 import secrets
@@ -167,10 +168,13 @@ class Delivery:
         # Without a spool no reply is "queued": skip building one to compare (hot path).
         queued = self.spool is not None and reply == replies.queued(env.id)
         metrics.MESSAGES.labels("queued" if queued else metrics.message_result(reply.code)).inc()
-        log.info("message", extra=fields(
-            id=env.id, peer=env.peer, user=env.user or "", **{"from": env.mail_from},
-            to=list(env.rcpts), size=env.size, remote="; ".join(results),
-            result=str(reply), ms=int((time.monotonic() - started) * 1000)))
+        # Asked first: below info level the fields would be built for nothing,
+        # once per message (hot path).
+        if log.isEnabledFor(logging.INFO):
+            log.info("message", extra=fields(
+                id=env.id, peer=env.peer, user=env.user or "", **{"from": env.mail_from},
+                to=list(env.rcpts), size=env.size, remote="; ".join(results),
+                result=str(reply), ms=int((time.monotonic() - started) * 1000)))
         return reply
 
     def close(self) -> None:
