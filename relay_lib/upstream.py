@@ -76,7 +76,7 @@ class _Stale(Exception):
 
 
 class _ReplyReader:
-    """Reply lines from one socket, each whole reply within one deadline.
+    """Whole replies from one socket, each within one deadline.
 
     Replaces smtplib's buffered file: its timeout bounds each recv, so a remote
     trickling a byte a second would hold the client for as long as it liked.
@@ -87,40 +87,60 @@ class _ReplyReader:
     def __init__(self, sock: socket.socket):
         self.sock = sock
         self.shortened = False  # the socket's timeout was cut to fit a deadline
-        self.waited = False  # a recv of the current reply happened already
         self._buf = bytearray()
 
-    def readline(self, deadline: float, limit: float) -> bytes:
-        """The next line with its LF; b"" at EOF; at most _MAX_REPLY_LINE + 1 octets.
+    def reply(self, limit: float) -> Tuple[int, bytes]:
+        """The next whole reply, as smtplib's getreply() returns it: its code
+        (-1 when a line does not start with three digits) and the text of its
+        lines joined by "\n".
+
+        One pass over the buffer for all the lines of a reply, and the clock
+        read only when a recv is needed: this runs four times per message.
 
         Raises:
-            socket.timeout: the deadline passed.
+            smtplib.SMTPServerDisconnected: EOF before the reply was whole.
+            smtplib.SMTPResponseException: a line over _MAX_REPLY_LINE octets.
+            socket.timeout: no whole reply within `limit` seconds.
             OSError: the connection failed.
         """
         buf = self._buf
+        lines = []
+        deadline = None  # set at the first recv, which the socket's timeout bounds
+        start = 0  # where the next line of this reply begins in buf
         while True:
-            end = buf.find(b"\n")
-            if end >= 0 or len(buf) > _MAX_REPLY_LINE:
-                cut = end + 1 if end >= 0 else _MAX_REPLY_LINE + 1
-                line = bytes(buf[:cut])
-                del buf[:cut]
-                return line
-            if self.waited:
-                # Only a later recv needs the clock: the first one is bounded
-                # by the socket's timeout, the whole deadline (hot path).
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise socket.timeout("no complete reply within %gs" % limit)
-                _recv_limit(self.sock, remaining)
-                self.shortened = True
-            try:
-                chunk = self.sock.recv(65536)
-            except (socket.timeout, BlockingIOError):  # BlockingIOError: SO_RCVTIMEO expired
-                raise socket.timeout("no complete reply within %gs" % limit) from None
-            self.waited = True
-            if not chunk:
-                return b""
-            buf += chunk
+            end = buf.find(b"\n", start)
+            if end < 0:
+                if len(buf) - start > _MAX_REPLY_LINE:
+                    raise smtplib.SMTPResponseException(500, "Line too long.")
+                if deadline is None:
+                    deadline = time.monotonic() + limit
+                else:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        raise socket.timeout("no complete reply within %gs" % limit)
+                    _recv_limit(self.sock, remaining)
+                    self.shortened = True
+                try:
+                    chunk = self.sock.recv(65536)
+                except (socket.timeout, BlockingIOError):  # BlockingIOError: SO_RCVTIMEO expired
+                    raise socket.timeout("no complete reply within %gs" % limit) from None
+                if not chunk:
+                    raise smtplib.SMTPServerDisconnected("Connection unexpectedly closed")
+                buf += chunk
+                continue
+            line = buf[start:end + 1]
+            start = end + 1
+            if len(line) > _MAX_REPLY_LINE:
+                raise smtplib.SMTPResponseException(500, "Line too long.")
+            lines.append(bytes(line[4:].strip(b" \t\r\n")))
+            if not line[:3].isdigit():
+                code = -1
+                break
+            code = int(line[:3])
+            if line[3:4] != b"-":
+                break
+        del buf[:start]
+        return code, b"\n".join(lines)
 
     def close(self) -> None:
         self._buf.clear()
@@ -139,35 +159,20 @@ class _WholeReplies:
     def getreply(self):
         if self.sock is None:
             raise smtplib.SMTPServerDisconnected("not connected")
-        if not isinstance(self.file, _ReplyReader) or self.file.sock is not self.sock:
-            self.file = _ReplyReader(self.sock)  # a new one after STARTTLS: no plaintext carried over
-        deadline = time.monotonic() + self.timeout
-        self.file.waited = False
-        lines = []
+        reader = self.file
+        if not isinstance(reader, _ReplyReader) or reader.sock is not self.sock:
+            reader = self.file = _ReplyReader(self.sock)  # a new one after STARTTLS: no plaintext carried over
         try:
-            while True:
-                line = self.file.readline(deadline, self.timeout)
-                if not line:
-                    raise smtplib.SMTPServerDisconnected("Connection unexpectedly closed")
-                if len(line) > _MAX_REPLY_LINE:
-                    raise smtplib.SMTPResponseException(500, "Line too long.")
-                lines.append(line[4:].strip(b" \t\r\n"))
-                if not line[:3].isdigit():
-                    code = -1
-                    break
-                code = int(line[:3])
-                if line[3:4] != b"-":
-                    break
+            return reader.reply(self.timeout)
         except OSError as exc:
             self.close()
             if isinstance(exc, smtplib.SMTPException):
                 raise
             raise smtplib.SMTPServerDisconnected("Connection unexpectedly closed: %s" % exc) from None
         finally:
-            if self.sock is not None and self.file.shortened:
+            if reader.shortened and self.sock is not None:
                 _recv_limit(self.sock, self.timeout)  # for the next reply's first recv
-                self.file.shortened = False
-        return code, b"\n".join(lines)
+                reader.shortened = False
 
 
 class _Client(_WholeReplies, smtplib.SMTP):
