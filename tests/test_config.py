@@ -7,7 +7,7 @@ import subprocess
 import pytest
 from hypothesis import given, strategies as st
 
-from relay_lib import config
+from relay_lib import command_line, config
 from relay_lib.config import ConfigError, Listener
 
 
@@ -267,7 +267,7 @@ def test_2_3_missing_users_file(tmp_path, certs):
 
 
 def test_2_3_command_is_split_without_shell(tmp_path, monkeypatch):
-    monkeypatch.setattr(config.os, "name", "posix")
+    monkeypatch.setattr(command_line.os, "name", "posix")
     s = load_text(tmp_path, "command = /usr/bin/archiver --to 'a b'\n")
     assert s.command == ("/usr/bin/archiver", "--to", "a b")
 
@@ -280,20 +280,20 @@ def test_2_3_command_is_split_without_shell(tmp_path, monkeypatch):
     ('scan.exe ""  \t last', ["scan.exe", "", "last"]),
 ])
 def test_2_3_command_windows_rules(text, words):
-    assert config.split_windows(text) == words
+    assert command_line.split_windows(text) == words
 
 
 @given(st.lists(st.text(alphabet=st.characters(blacklist_characters="\x00"), max_size=12), min_size=1, max_size=5))
 def test_2_3_command_windows_rules_undo_subprocess_quoting(words):
     # subprocess.list2cmdline is how Popen joins a list on Windows: a round trip must hold.
-    assert config.split_windows(subprocess.list2cmdline(words)) == words
+    assert command_line.split_windows(subprocess.list2cmdline(words)) == words
 
 
 def test_2_3_command_uses_windows_rules_on_windows(tmp_path, monkeypatch):
     program = tmp_path / "Program Files" / "Scan" / "scan.exe"
     program.parent.mkdir(parents=True)
     program.write_text("")
-    monkeypatch.setattr(config.os, "name", "nt")
+    monkeypatch.setattr(command_line.os, "name", "nt")
     # Quoted, as the README says; backslashes stay (on Windows they are the separator).
     s = load_text(tmp_path, 'command = "C:\\Program Files\\Scan\\scan.exe" --x C:\\out\n')
     assert s.command == ("C:\\Program Files\\Scan\\scan.exe", "--x", "C:\\out")
