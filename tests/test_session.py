@@ -15,7 +15,8 @@ from relay_lib import config
 from relay_lib.delivery import Delivery
 from relay_lib.policy import Users
 from relay_lib.server import make_server_context
-from relay_lib.session import _SIMPLE_PATH, Phase, Session, _parse_path_full, parse_path
+from relay_lib.mailpath import _SIMPLE_PATH, _parse_path_full, parse_path
+from relay_lib.session import Phase, Session
 from relay_lib.wire import Wire
 from smtp_talk import write_users
 
