@@ -13,7 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from relay_lib import config
+from relay_lib import command_line, config
 
 SYSTEM32 = "C:\\Windows\\system32"
 INI = "C:\\relay\\smtprelay.ini"
@@ -48,6 +48,7 @@ def windows(monkeypatch, tmp_path):
     def load(ini_text, files=(), config_path=INI, cwd=SYSTEM32, flags=None):
         fake = WindowsOs(cwd, files)
         monkeypatch.setattr(config, "os", fake)
+        monkeypatch.setattr(command_line, "os", fake)
         ini = tmp_path / "smtprelay.ini"
         ini.write_bytes(b"\xef\xbb\xbf" + ini_text.replace("\n", "\r\n").encode("utf-8"))
         opened = []
