@@ -14,9 +14,12 @@ import sys
 import threading
 from typing import Dict, List, Optional, Tuple
 
-from . import __version__, build, policy, sources
-from .config import OPTION_NAMES, ConfigError, describe, load, parse_bool
-from .logs import fields, log, setup_logging
+from relay_lib import __version__
+from relay_lib.ops import build
+from relay_lib.inbound import policy
+from relay_lib.config import sources
+from relay_lib.config.settings import OPTION_NAMES, ConfigError, describe, load, parse_bool
+from relay_lib.logs import fields, log, setup_logging
 
 BCRYPT_MAX_BYTES = 72  # bcrypt reads no further; bcrypt 5 refuses longer passwords
 ACTIONS = ("check", "version", "hash_password", "help", "h", "queue", "flush")
@@ -121,7 +124,7 @@ def hash_password() -> int:
 
 def test_remotes(settings) -> int:
     """-test-remotes: check every remote without sending mail, one line each (SPEC 10)."""
-    from .delivery import make_dispatcher
+    from relay_lib.delivery.steps import make_dispatcher
 
     if not settings.remotes:
         print("no remotes configured")
@@ -177,7 +180,7 @@ def _log_warnings(settings) -> None:
 
 def run(settings) -> int:
     """Serve until SIGTERM, SIGINT or SIGQUIT, then shut down gracefully (SPEC 6)."""
-    from .server import ListenError, Relay
+    from relay_lib.inbound.server import ListenError, Relay
 
     try:
         setup_logging(settings.logfile, settings.log_format, settings.log_level)
@@ -210,7 +213,7 @@ def run(settings) -> int:
 def check(settings) -> int:
     """-check: the effective settings on stdout, the warnings a start would log
     on stderr, then `configuration OK` (SPEC 6)."""
-    from .server import make_server_context
+    from relay_lib.inbound.server import make_server_context
 
     make_server_context(settings)  # a tls_profile this OpenSSL cannot do fails here too
     setup_logging(None, settings.log_format, "warn")
@@ -249,7 +252,7 @@ def main(argv: List[str]) -> int:
         if "test_remotes" in actions:
             return test_remotes(settings)
         if actions.keys() & {"queue", "flush", "delete"}:
-            from . import spool
+            from relay_lib.spool import queue as spool
         if "queue" in actions:
             print("\n".join(spool.list_queue(settings)))
             return 0

@@ -18,7 +18,7 @@ import re
 import threading
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
-from .logs import log
+from relay_lib.logs import log
 
 _NAME = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*\Z")
 _LABEL = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*\Z")

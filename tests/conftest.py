@@ -27,7 +27,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from relay_lib import config, logs
+from relay_lib import logs
+from relay_lib.config import settings as config
 from smtp_talk import Talk
 
 
@@ -161,7 +162,7 @@ def relay_factory(tmp_path):
         ini = tmp_path / ("relay%d.ini" % len(started))
         write_ini(ini, merged)
         settings = config.from_file(str(ini))
-        from relay_lib.server import Relay
+        from relay_lib.inbound.server import Relay
 
         relay = Relay(settings)
         relay.start()

@@ -6,8 +6,8 @@ The downstream servers and `relay_log` live in conftest.py.
 import socket
 
 from conftest import write_ini
-from relay_lib import config
-from relay_lib.delivery import Delivery, Envelope, new_message_id
+from relay_lib.config import settings as config
+from relay_lib.delivery.steps import Delivery, Envelope, new_message_id
 
 BODY = (b"From: app@example.com\r\nTo: b@example.org\r\nSubject: test\r\n\r\n"
         b"Hello.\r\n.leading dot line\r\n8-bit: \xc3\xa9t\xc3\xa9\r\n")

@@ -12,7 +12,8 @@ import time
 import bcrypt
 import pytest
 
-from relay_lib import authcache, replies
+from relay_lib import replies
+from relay_lib.inbound import authcache
 from smtp_talk import Talk, write_users
 
 PASSWORD = "s3cret-Pa55"

@@ -7,8 +7,9 @@ import subprocess
 import pytest
 from hypothesis import given, strategies as st
 
-from relay_lib import command_line, config
-from relay_lib.config import ConfigError, Listener
+from relay_lib.config import command_line
+from relay_lib.config import settings as config
+from relay_lib.config.settings import ConfigError, Listener
 
 
 def load_text(tmp_path, text, flags=None, environ=None, name="smtprelay.ini", encoding="utf-8"):

@@ -7,7 +7,7 @@ import sys
 import time
 from datetime import datetime, timezone
 
-from relay_lib.delivery import Delivery, received_header
+from relay_lib.delivery.steps import Delivery, received_header
 from delivery_kit import BODY, deliver_once, envelope, settings_for
 
 

@@ -7,8 +7,8 @@ import time
 import pytest
 
 from conftest import free_port
-from relay_lib import config
-from relay_lib.remotes import destinations, parse_remote
+from relay_lib.config import settings as config
+from relay_lib.config.remotes import destinations, parse_remote
 from test_delivery_e2e import send
 
 

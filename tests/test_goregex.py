@@ -10,7 +10,7 @@ import warnings
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from relay_lib.goregex import translate
+from relay_lib.config.goregex import translate
 
 GO_POSIX = {
     "alnum": "0-9A-Za-z", "alpha": "A-Za-z", "ascii": "\x00-\x7f", "blank": "\t ",

@@ -24,8 +24,10 @@ import tracemalloc
 import pytest
 
 from conftest import Trickle, outbox_messages, relay_command, wait_until, write_ini
-from relay_lib import config, logs, metrics_http
-from relay_lib.oauth import MAX_LIFETIME, TokenError, TokenSource
+from relay_lib import logs
+from relay_lib.config import settings as config
+from relay_lib.ops import metrics_http
+from relay_lib.outbound.oauth import MAX_LIFETIME, TokenError, TokenSource
 from smtp_talk import Talk, write_users
 from test_metrics import get
 from test_proxy import ALLOWED, CLIENT, tlv, v1, v2

@@ -31,7 +31,7 @@ def examples():
 
 
 def test_2_ini_has_examples_for_every_option():
-    from relay_lib.config import OPTIONS
+    from relay_lib.config.settings import OPTIONS
 
     assert {name for _, name, _ in examples()} >= {o.name for o in OPTIONS} - {"remotes"}
 

@@ -16,7 +16,8 @@ import pytest
 
 from conftest import ROOT, free_port, outbox_messages, relay_command, wait_until, write_ini
 from oauth_kit import CLIENT_SECRET, endpoint, oauth_options, upstream_factory  # noqa: F401
-from relay_lib import cli, spool
+from relay_lib import cli
+from relay_lib.spool import queue as spool
 from smtp_talk import Talk, write_users
 from spool_kit import MESSAGE, files, late_sink, queue_empty, spool_process, spool_relay  # noqa: F401
 from test_auth_cache import PASSWORD, PENALTY, FAILED, plain

@@ -22,8 +22,9 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import relay_command, wait_until, write_ini
-from relay_lib import config, metrics
-from relay_lib.server import Relay
+from relay_lib import metrics
+from relay_lib.config import settings as config
+from relay_lib.inbound.server import Relay
 from smtp_talk import Talk
 
 GOOD = b"Subject: hello\r\n\r\nall fine\r\n"

@@ -15,7 +15,8 @@ from conftest import free_port, wait_until
 from delivery_kit import deliver_once, settings_for
 from oauth_kit import (AADSTS_ERROR, CLIENT_ID, CLIENT_SECRET, MAILBOX, REFRESH_TOKEN, TENANT,
                        endpoint, oauth_options, upstream_factory)  # noqa: F401 (fixtures)
-from relay_lib import cli, config, metrics
+from relay_lib import cli, metrics
+from relay_lib.config import settings as config
 
 FORWARD_TEMPFAIL = "451 4.4.1 Forwarding failed, try again later"
 MESSAGE = b"From: scanner@contoso.test\r\nTo: b@example.org\r\nSubject: scan\r\n\r\nscan.pdf\r\n"
@@ -181,7 +182,7 @@ def test_10_failed_early_renewal_keeps_a_token_that_is_still_valid(relay_factory
 ], ids=["answer", "timeout"])
 def test_10_one_request_in_flight_the_waiting_threads_share_its_outcome(endpoint, delay, timeout,
                                                                          expected):
-    from relay_lib.oauth import TokenError, TokenSource
+    from relay_lib.outbound.oauth import TokenError, TokenSource
 
     endpoint.mode, endpoint.delay = "slow", delay
     source = TokenSource(endpoint.url, CLIENT_ID, CLIENT_SECRET, "s", None, timeout=timeout)

@@ -13,7 +13,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from relay_lib import command_line, config
+from relay_lib.config import command_line
+from relay_lib.config import settings as config
 
 SYSTEM32 = "C:\\Windows\\system32"
 INI = "C:\\relay\\smtprelay.ini"

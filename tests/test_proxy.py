@@ -13,7 +13,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from conftest import free_port, outbox_messages, wait_until
-from relay_lib import metrics, proxy
+from relay_lib import metrics
+from relay_lib.inbound import proxy
 from smtp_talk import Talk
 
 CLIENT = "192.0.2.10"

@@ -11,7 +11,7 @@ import time
 import pytest
 
 from conftest import free_port, make_ca_and_leaf
-from relay_lib.delivery import Delivery, received_header
+from relay_lib.delivery.steps import Delivery, received_header
 from delivery_kit import BODY, deliver_once, envelope, ipv6_loopback_works, settings_for
 
 PASSWORD = "s3cr:t@p w"

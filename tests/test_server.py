@@ -11,9 +11,9 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from conftest import accepts_connections, outbox_messages, wait_until
-from relay_lib import config
-from relay_lib.delivery import Delivery
-from relay_lib.server import Relay, make_server_context
+from relay_lib.config import settings as config
+from relay_lib.delivery.steps import Delivery
+from relay_lib.inbound.server import Relay, make_server_context
 from smtp_talk import Talk
 
 

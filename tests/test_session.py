@@ -11,13 +11,13 @@ import threading
 import pytest
 from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
 
-from relay_lib import config
-from relay_lib.delivery import Delivery
-from relay_lib.policy import Users
-from relay_lib.server import make_server_context
-from relay_lib.mailpath import _SIMPLE_PATH, _parse_path_full, parse_path
-from relay_lib.session import Phase, Session
-from relay_lib.wire import Wire
+from relay_lib.config import settings as config
+from relay_lib.delivery.steps import Delivery
+from relay_lib.inbound.policy import Users
+from relay_lib.inbound.server import make_server_context
+from relay_lib.inbound.mailpath import _SIMPLE_PATH, _parse_path_full, parse_path
+from relay_lib.inbound.session import Phase, Session
+from relay_lib.inbound.wire import Wire
 from smtp_talk import write_users
 
 

@@ -8,7 +8,8 @@ import os
 import time
 
 from conftest import wait_until
-from relay_lib import logs, policy
+from relay_lib import logs
+from relay_lib.inbound import policy
 from smtp_talk import Talk, write_users
 
 PASSWORD = "hunter2-Pa55"

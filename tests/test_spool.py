@@ -6,7 +6,8 @@ import re
 import sys
 
 from conftest import wait_until
-from relay_lib import metrics, spool
+from relay_lib import metrics
+from relay_lib.spool import queue as spool
 from spool_kit import (MESSAGE, arrived, bounces, files, late_sink, queue_empty,  # noqa: F401
                        report_fields, send, spool_relay)
 

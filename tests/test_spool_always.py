@@ -8,7 +8,7 @@ import subprocess
 import pytest
 
 from conftest import relay_command, wait_until
-from relay_lib.config import ConfigError, load
+from relay_lib.config.settings import ConfigError, load
 from spool_kit import MESSAGE, arrived, bounces, files, late_sink, queue_empty, send, spool_relay  # noqa: F401
 from test_spool import queued_id
 

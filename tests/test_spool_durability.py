@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 
 from conftest import wait_until
-from relay_lib import spool
+from relay_lib.spool import queue as spool
 from spool_kit import (MESSAGE, files, kill_9, late_sink, queue_empty, send, spool_process,  # noqa: F401
                        spool_relay)
 from test_spool import queued_id
@@ -42,8 +42,8 @@ def test_9_durability_unwritable_queue_in_always_mode_is_452(spool_relay, sink):
 
 
 def test_9_durability_spool_dir_below_a_file_is_a_config_error(tmp_path):
-    from relay_lib.config import ConfigError, from_file
-    from relay_lib.server import Relay
+    from relay_lib.config.settings import ConfigError, from_file
+    from relay_lib.inbound.server import Relay
 
     (tmp_path / "plain-file").write_bytes(b"")
     ini = tmp_path / "relay.ini"

@@ -14,7 +14,7 @@ import sys
 import pytest
 
 from conftest import outbox_messages, wait_until
-from relay_lib import spool
+from relay_lib.spool import queue as spool
 from spool_kit import (MESSAGE, bounces, files, late_sink, queue_empty, report_fields, send,  # noqa: F401
                        spool_relay)
 from test_spool import queued_id

@@ -13,7 +13,7 @@ import time
 import pytest
 
 from conftest import ROOT, Trickle, accepts_connections, free_port, outbox_messages, wait_until
-from relay_lib.delivery import Delivery, received_header
+from relay_lib.delivery.steps import Delivery, received_header
 from delivery_kit import BODY, envelope, settings_for
 
 SCAN_UNAVAILABLE = "451 4.3.0 Message scan unavailable, try again later"

@@ -9,8 +9,9 @@ import time
 
 import pytest
 
-from relay_lib import replies, wire
-from relay_lib.wire import Closed, LineTooLong, Timeout, Wire
+from relay_lib import replies
+from relay_lib.inbound import wire
+from relay_lib.inbound.wire import Closed, LineTooLong, Timeout, Wire
 
 
 @pytest.fixture

@@ -15,10 +15,10 @@ import threading
 import time
 from typing import Dict, List, Optional, Tuple
 
-from . import metrics, replies
-from .outbox import check_folder
-from .remotes import Remote, failure_code, is_loopback
-from .smtp_client import KERNEL_TIMEOUTS, Client, ClientTLS, SetupFailed, use_kernel_timeouts
+from relay_lib import metrics, replies
+from relay_lib.outbound.outbox import check_folder
+from relay_lib.config.remotes import Remote, failure_code, is_loopback
+from relay_lib.outbound.smtp_client import KERNEL_TIMEOUTS, Client, ClientTLS, SetupFailed, use_kernel_timeouts
 
 # Strategy: `Dispatcher.send` runs one SMTP transaction on an smtplib
 # connection taken from a small per-remote pool of connections that already

@@ -18,12 +18,15 @@ import time
 from datetime import datetime, timezone
 from typing import Dict, List, Optional, Tuple
 
-from . import dsn, metrics, outbox, remotes, replies
-from .config import ConfigError, Settings
-from .delivery import (DELIVERED, DISCARDED, PENDING, REFUSED, Delivery, Envelope, Job, Pair,
+from relay_lib import metrics, replies
+from relay_lib.spool import dsn
+from relay_lib.outbound import outbox
+from relay_lib.config import remotes
+from relay_lib.config.settings import ConfigError, Settings
+from relay_lib.delivery.steps import (DELIVERED, DISCARDED, PENDING, REFUSED, Delivery, Envelope, Job, Pair,
                        new_message_id)
-from .logs import fields, log
-from .replies import Reply
+from relay_lib.logs import fields, log
+from relay_lib.replies import Reply
 
 QUEUE, FAILED, CORRUPT = "queue", "failed", "corrupt"
 FLUSH_FILE = "flush"  # -flush creates it; the running relay checks for it every second

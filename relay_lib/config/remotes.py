@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, fields
 from typing import Callable, Dict, List, Optional, Pattern, Tuple, Union
 from urllib.parse import unquote, urlsplit
 
-from .goregex import translate
+from relay_lib.config.goregex import translate
 
 
 DEFAULT_PORTS = {"smtp": 25, "starttls": 587, "tls": 465, "smtps": 465}

@@ -25,7 +25,7 @@ def program_dir() -> str:
     """The folder of the frozen executable, or of relay.py."""
     if getattr(sys, "frozen", False):
         return os.path.dirname(os.path.abspath(sys.executable))
-    return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def find(named: Optional[str], environ: Mapping[str, str]) -> Optional[Source]:

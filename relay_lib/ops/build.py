@@ -1,7 +1,7 @@
 """What `-version` prints: the release and the commit it was built from.
 
-Owns finding the commit: the COMMIT file that `make exe` bundles beside this
-module, else the git checkout the code runs from, read from its files. Must
+Owns finding the commit: the COMMIT file that `make exe` bundles in the
+relay_lib folder, else the git checkout the code runs from, read from its files. Must
 not run git (a server may have none) and never fails: "unknown" instead.
 """
 
@@ -9,7 +9,7 @@ import os
 import re
 from typing import Optional
 
-from . import __version__
+from relay_lib import __version__
 
 COMMIT_FILE = "COMMIT"
 _HEX = re.compile(r"[0-9a-f]{40}([0-9a-f]{24})?")
@@ -56,11 +56,11 @@ def _resolve(git_dir: str) -> Optional[str]:
 
 def commit() -> str:
     """The commit this program was built from, or "unknown"."""
-    here = os.path.dirname(os.path.abspath(__file__))
-    bundled = _read(os.path.join(here, COMMIT_FILE))
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # relay_lib/
+    bundled = _read(os.path.join(package, COMMIT_FILE))
     if bundled:
         return bundled
-    git_dir = _git_dir(os.path.dirname(here))
+    git_dir = _git_dir(os.path.dirname(package))
     found = _resolve(git_dir) if git_dir else None
     return found or "unknown"
 

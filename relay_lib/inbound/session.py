@@ -20,13 +20,14 @@ import time
 from datetime import datetime, timezone
 from typing import Callable, Dict, List, Optional, Tuple
 
-from relay_lib import metrics, policy, replies
-from relay_lib.authcache import PENALTY_REPLY_DELAY
-from relay_lib.delivery import Delivery, Envelope, new_message_id
-from relay_lib.mailpath import parse_path
+from relay_lib import metrics, replies
+from relay_lib.inbound import policy
+from relay_lib.inbound.authcache import PENALTY_REPLY_DELAY
+from relay_lib.delivery.steps import Delivery, Envelope, new_message_id
+from relay_lib.inbound.mailpath import parse_path
 from relay_lib.logs import TRACE, fields, session_logger
 from relay_lib.replies import Reply, SmtpError, clean_echo
-from relay_lib.wire import Closed, LineTooLong, NoTLS, Timeout, Wire, WireError
+from relay_lib.inbound.wire import Closed, LineTooLong, NoTLS, Timeout, Wire, WireError
 
 MAX_ERRORS = 20  # SPEC 3.2: failed commands before 421
 MAX_AUTH_FAILURES = 3  # SPEC 3.2: failed AUTH attempts before 421

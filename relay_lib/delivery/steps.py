@@ -26,11 +26,16 @@ from datetime import datetime, timezone
 from email.utils import format_datetime
 from typing import Dict, List, Optional, Tuple
 
-from . import metrics, oauth, outbox, remotes, replies, upstream, webhook
-from .config import Settings
-from .logs import fields, log
-from .policy import Aliases
-from .replies import Reply, clean_echo
+from relay_lib import metrics, replies
+from relay_lib.outbound import oauth
+from relay_lib.outbound import outbox
+from relay_lib.config import remotes
+from relay_lib.outbound import dispatcher as upstream
+from relay_lib.delivery import webhook
+from relay_lib.config.settings import Settings
+from relay_lib.logs import fields, log
+from relay_lib.inbound.policy import Aliases
+from relay_lib.replies import Reply, clean_echo
 
 EX_TEMPFAIL = 75  # sysexits.h: the command asks the client to retry (SPEC 4.3)
 # Base64 grows a message by 4/3; the scanner may add headers or a disclaimer.

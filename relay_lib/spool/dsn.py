@@ -14,7 +14,7 @@ from email.mime.text import MIMEText
 from email.utils import format_datetime, make_msgid
 from typing import List, Tuple
 
-from .replies import is_enhanced_code
+from relay_lib.replies import is_enhanced_code
 
 UNKNOWN_PERMANENT = "5.0.0"  # [R3463 3.1] when a reply carries no enhanced code
 

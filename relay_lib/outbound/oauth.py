@@ -17,10 +17,10 @@ import urllib.parse
 import urllib.request
 from typing import Dict, Optional, Tuple
 
-from . import metrics
-from .deadline import Deadline
-from .logs import fields, log, mask_url
-from .remotes import is_loopback
+from relay_lib import metrics
+from relay_lib.deadline import Deadline
+from relay_lib.logs import fields, log, mask_url
+from relay_lib.config.remotes import is_loopback
 
 DEFAULT_SCOPE = "https://outlook.office365.com/.default"  # Exchange Online, app-only
 RENEW_BEFORE = 300.0  # SPEC 10: renew 5 minutes before expires_in ...

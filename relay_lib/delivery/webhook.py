@@ -18,8 +18,8 @@ import urllib.parse
 import urllib.request
 from typing import Any, Dict, NamedTuple, Optional
 
-from .deadline import Deadline
-from .remotes import is_loopback
+from relay_lib.deadline import Deadline
+from relay_lib.config.remotes import is_loopback
 
 ACCEPT, REPLACE, REJECT, DISCARD, TEMPFAIL = "accept", "replace", "reject", "discard", "tempfail"
 DEFER = "defer"  # a synonym of tempfail

@@ -16,9 +16,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable
 from urllib.parse import urlsplit
 
-from .deadline import Deadline
-from .logs import fields, log
-from .metrics import REGISTRY
+from relay_lib.deadline import Deadline
+from relay_lib.logs import fields, log
+from relay_lib.metrics import REGISTRY
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"  # the Prometheus text format
 SOCKET_TIMEOUT = 5.0  # seconds for each read and write of a request

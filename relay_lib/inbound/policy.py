@@ -13,12 +13,12 @@ from typing import Dict, List, Optional, Tuple, Union
 
 import bcrypt
 
-from . import replies
-from .authcache import AuthGuard
-from .config import Settings
-from .logs import fields, log
-from .remotes import route
-from .replies import Reply
+from relay_lib import replies
+from relay_lib.inbound.authcache import AuthGuard
+from relay_lib.config.settings import Settings
+from relay_lib.logs import fields, log
+from relay_lib.config.remotes import route
+from relay_lib.replies import Reply
 
 # A real hash of a random password: checked against when the user is unknown,
 # so a wrong user name costs the same time as a wrong password.

@@ -25,15 +25,17 @@ import threading
 import warnings
 from typing import List, Optional, Set, Tuple
 
-from relay_lib import metrics, policy, proxy, replies
-from relay_lib.config import ConfigError, Listener
-from relay_lib.delivery import Delivery
+from relay_lib import metrics, replies
+from relay_lib.inbound import policy
+from relay_lib.inbound import proxy
+from relay_lib.config.settings import ConfigError, Listener
+from relay_lib.delivery.steps import Delivery
 from relay_lib.logs import fields, log, rebind_session, session_context
-from relay_lib.metrics_http import MetricsHTTPServer
+from relay_lib.ops.metrics_http import MetricsHTTPServer
 from relay_lib.replies import Reply
-from relay_lib.session import Session
-from relay_lib.spool import Spool
-from relay_lib.wire import NoTLS, Wire, WireError
+from relay_lib.inbound.session import Session
+from relay_lib.spool.queue import Spool
+from relay_lib.inbound.wire import NoTLS, Wire, WireError
 
 POLL_INTERVAL = 0.05  # seconds; how fast serve_forever notices stop()
 ACCEPT_QUEUE = 128  # listen() backlog; socketserver's default of 5 drops bursts

@@ -21,7 +21,7 @@ import sys
 import time
 from typing import Optional, Tuple
 
-from relay_lib import proxy
+from relay_lib.inbound import proxy
 from relay_lib.replies import Reply
 
 MAX_LINE = 4096  # SPEC 3.2 (RFC 5321 4.5.3.1.4 asks for at least 512)

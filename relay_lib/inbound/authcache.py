@@ -13,9 +13,9 @@ import time
 from collections import OrderedDict, deque
 from typing import Callable, Hashable, Optional
 
-from . import replies
-from .logs import fields, log
-from .replies import Reply
+from relay_lib import replies
+from relay_lib.logs import fields, log
+from relay_lib.replies import Reply
 
 CACHE_ENTRIES = 10000  # most checked passwords remembered (least recently used out)
 FAILED_TTL = 300.0  # a failed check is remembered 5 minutes

@@ -14,11 +14,12 @@ from dataclasses import dataclass, field, fields as dataclass_fields, replace
 from types import MappingProxyType
 from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Pattern, Tuple
 
-from . import goregex, sources
-from .command_line import parse_command
-from .logs import FORMATS, LEVELS, mask_url
-from .oauth import DEFAULT_SCOPE, check_token_url
-from .remotes import Remote, parse_remote
+from relay_lib.config import goregex
+from relay_lib.config import sources
+from relay_lib.config.command_line import parse_command
+from relay_lib.logs import FORMATS, LEVELS, mask_url
+from relay_lib.outbound.oauth import DEFAULT_SCOPE, check_token_url
+from relay_lib.config.remotes import Remote, parse_remote
 
 ENV_PREFIX = "SMTPRELAY_"
 # SMTPRELAY_* variables that are no option: the config file, the ones the
