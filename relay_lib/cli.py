@@ -180,7 +180,8 @@ def _log_warnings(settings) -> None:
 
 def run(settings) -> int:
     """Serve until SIGTERM, SIGINT or SIGQUIT, then shut down gracefully (SPEC 6)."""
-    from relay_lib.inbound.server import ListenError, Relay
+    from relay_lib.listen import ListenError
+    from relay_lib.service import Service
 
     try:
         setup_logging(settings.logfile, settings.log_format, settings.log_level)
@@ -190,7 +191,7 @@ def run(settings) -> int:
     stop = threading.Event()
     received: List[str] = []
     _install_signal_handlers(stop, received)
-    relay = Relay(settings)
+    relay = Service(settings)
     try:
         relay.start()
     except ListenError as exc:

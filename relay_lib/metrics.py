@@ -251,8 +251,3 @@ def register_queue(source: Optional[Callable[[], Tuple[int, int, float]]]) -> No
     """Read the queue gauges from `source()` -> (messages, bytes, oldest age in
     seconds) at each scrape; None reports an empty queue again."""
     QUEUE.source = source
-
-
-def message_result(code: int) -> str:
-    """The `result` label for the reply a client got for its message."""
-    return "delivered" if code < 400 else "tempfailed" if code < 500 else "rejected"

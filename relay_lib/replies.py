@@ -174,3 +174,19 @@ def scan_rejected(code: int, enhanced: str, reason: str) -> Reply:
 def remote_refused(code: int, enhanced: str, host: str, text: str) -> Reply:
     """A remote's 5xx passed through, prefixed by the remote host (SPEC 4.1)."""
     return Reply(code, enhanced, clean_echo("%s: %s" % (host, text)).rstrip())
+
+
+# Remote limits (SPEC 13)
+def no_room(remote: str, limit: str) -> Reply:
+    """A message that waited remote_wait for room at a remote and got none."""
+    return Reply(451, "4.4.5", clean_echo("%s has no room (%s), try again later" % (remote, limit)))
+
+
+def quota_spent(host: str, text: str) -> Reply:
+    """A remote whose sending quota is spent: temporary, with its own words."""
+    return Reply(451, "4.4.5", clean_echo("%s: %s" % (host, text)).rstrip())
+
+
+def is_refusal(reply: Reply) -> bool:
+    """A reply to a command that the session logs as a refusal: 5xx, or 452 (too many)."""
+    return reply.code >= 500 or reply.code == 452

@@ -162,9 +162,9 @@ def relay_factory(tmp_path):
         ini = tmp_path / ("relay%d.ini" % len(started))
         write_ini(ini, merged)
         settings = config.from_file(str(ini))
-        from relay_lib.inbound.server import Relay
+        from relay_lib.service import Service
 
-        relay = Relay(settings)
+        relay = Service(settings)
         relay.start()
         started.append(relay)
         relay.settings = settings

@@ -7,7 +7,8 @@ import socket
 
 from conftest import write_ini
 from relay_lib.config import settings as config
-from relay_lib.delivery.steps import Delivery, Envelope, new_message_id
+from relay_lib.delivery.steps import Delivery
+from relay_lib.envelope import Envelope, new_message_id
 
 BODY = (b"From: app@example.com\r\nTo: b@example.org\r\nSubject: test\r\n\r\n"
         b"Hello.\r\n.leading dot line\r\n8-bit: \xc3\xa9t\xc3\xa9\r\n")

@@ -8,7 +8,8 @@ import pytest
 
 from conftest import free_port
 from relay_lib.config import settings as config
-from relay_lib.config.remotes import destinations, parse_remote
+from relay_lib.config.remotes import parse_remote
+from relay_lib.delivery.routing import destinations
 from test_delivery_e2e import send
 
 

@@ -24,7 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from conftest import relay_command, wait_until, write_ini
 from relay_lib import metrics
 from relay_lib.config import settings as config
-from relay_lib.inbound.server import Relay
+from relay_lib.service import Service
 from smtp_talk import Talk
 
 GOOD = b"Subject: hello\r\n\r\nall fine\r\n"
@@ -208,7 +208,7 @@ def test_12_healthz_is_ok_while_listening_and_503_during_shutdown(relay_factory,
     assert answers == [{}] and len(sink.box) == 1  # the message in progress finished
     with pytest.raises(OSError):
         socket.create_connection(address, timeout=2).close()
-    assert not Relay(relay.settings).healthy()  # no listener up
+    assert not Service(relay.settings).healthy()  # no listener up
 
 
 def test_12_only_metrics_and_healthz_are_served(relay_factory):

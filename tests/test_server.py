@@ -12,8 +12,9 @@ import pytest
 
 from conftest import accepts_connections, outbox_messages, wait_until
 from relay_lib.config import settings as config
-from relay_lib.delivery.steps import Delivery
+from relay_lib.delivery.aliases import Aliases
 from relay_lib.inbound.server import Relay, make_server_context
+from relay_lib.service import Service
 from smtp_talk import Talk
 
 
@@ -225,7 +226,7 @@ def test_2_3_bad_certificate_is_a_config_error(relay_factory, certs, tmp_path):
     assert err.value.option == "local_cert"
     missing = dataclasses.replace(relay.settings, local_key=str(tmp_path / "missing.key"))
     with pytest.raises(config.ConfigError):
-        Relay(missing).start()
+        Service(missing).start()
 
 
 def test_2_3_key_of_another_certificate_is_a_config_error(relay_factory, certs):
@@ -243,8 +244,8 @@ def test_2_3_plain_listeners_need_no_certificate(relay_factory):
 
 # -- one failing session does not hurt the others ---------------------------------
 
-class _BrokenDelivery(Delivery):
-    """Delivery that fails with a bug, to prove the session's last-resort handler."""
+class _BrokenDelivery:
+    """A message handler that fails with a bug, to prove the session's last-resort handler."""
 
     def deliver(self, envelope, body):
         raise RuntimeError("bug in delivery")
@@ -253,7 +254,7 @@ class _BrokenDelivery(Delivery):
 def test_3_2_internal_error_is_421_and_logged(relay_factory, caplog, capsys):
     relay = relay_factory()
     settings = relay.settings
-    broken = Relay(settings, delivery=_BrokenDelivery(settings))
+    broken = Relay(settings, _BrokenDelivery(), Aliases(None))
     broken.start()
     try:
         caplog.set_level(logging.ERROR, logger="smtprelay")
@@ -292,8 +293,8 @@ def test_6_refusals_are_logged_as_warnings_with_reasons(relay_factory, caplog):
     assert "connected" in events and "disconnected" in events  # the dialogue itself is trace
 
 
-class _RefusingDelivery(Delivery):
-    """Delivery that refuses through SmtpError, the typed path of STYLE 6."""
+class _RefusingDelivery:
+    """A message handler that refuses through SmtpError, the typed path of STYLE 6."""
 
     def deliver(self, envelope, body):
         from relay_lib.replies import Reply, SmtpError
@@ -302,7 +303,7 @@ class _RefusingDelivery(Delivery):
 
 def test_3_2_smtp_error_becomes_its_reply(relay_factory):
     relay = relay_factory()
-    refusing = Relay(relay.settings, delivery=_RefusingDelivery(relay.settings))
+    refusing = Relay(relay.settings, _RefusingDelivery(), Aliases(None))
     refusing.start()
     try:
         with Talk(refusing.addresses[0][2], ehlo="x") as t:

@@ -9,6 +9,7 @@ import time
 
 from conftest import wait_until
 from relay_lib import logs
+from relay_lib.delivery.aliases import Aliases
 from relay_lib.inbound import policy
 from smtp_talk import Talk, write_users
 
@@ -72,7 +73,7 @@ def test_6_users_and_aliases_reload_is_logged(tmp_path, relay_log):
     users = write_users(tmp_path / "users", {"alice": (PASSWORD, None)})
     aliases = tmp_path / "aliases"
     aliases.write_text("a@example.org b@example.org\n")
-    table, alias_table = policy.Users(users, cache_ttl=0, wait=5), policy.Aliases(str(aliases))
+    table, alias_table = policy.Users(users, cache_ttl=0, wait=5), Aliases(str(aliases))
     assert not [r for r in relay_log.records if r.getMessage() == "file reloaded"]  # start-up is no reload
     write_users(tmp_path / "users", {"alice": (PASSWORD, None), "bob": (PASSWORD, None)})
     aliases.write_text("a@example.org c@example.org\nx@example.org y@example.org\n")

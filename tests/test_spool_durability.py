@@ -43,12 +43,12 @@ def test_9_durability_unwritable_queue_in_always_mode_is_452(spool_relay, sink):
 
 def test_9_durability_spool_dir_below_a_file_is_a_config_error(tmp_path):
     from relay_lib.config.settings import ConfigError, from_file
-    from relay_lib.inbound.server import Relay
+    from relay_lib.service import Service
 
     (tmp_path / "plain-file").write_bytes(b"")
     ini = tmp_path / "relay.ini"
     ini.write_text("listen = 127.0.0.1:0\nremotes = file:outbox\nspool_dir = plain-file/spool\n")
-    relay = Relay(from_file(str(ini)))
+    relay = Service(from_file(str(ini)))
     with pytest.raises(ConfigError) as caught:
         relay.start()
     assert caught.value.option == "spool_dir" and "cannot create" in caught.value.reason

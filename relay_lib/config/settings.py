@@ -10,6 +10,7 @@ import ipaddress
 import os
 import re
 import ssl
+import urllib.parse
 from dataclasses import dataclass, field, fields as dataclass_fields, replace
 from types import MappingProxyType
 from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Pattern, Tuple
@@ -18,7 +19,7 @@ from relay_lib.config import goregex
 from relay_lib.config import sources
 from relay_lib.config.command_line import parse_command
 from relay_lib.logs import FORMATS, LEVELS, mask_url
-from relay_lib.outbound.oauth import DEFAULT_SCOPE, check_token_url
+from relay_lib.netaddr import is_loopback
 from relay_lib.config.remotes import Remote, parse_remote
 
 ENV_PREFIX = "SMTPRELAY_"
@@ -202,6 +203,27 @@ def _choice(*allowed: str) -> Callable[[str], str]:
 
 def _text(text: str) -> str:
     return text
+
+
+DEFAULT_SCOPE = "https://outlook.office365.com/.default"  # Exchange Online, app-only (SPEC 10)
+
+
+def check_token_url(url: str) -> str:
+    """The oauth_token_url value: https, or http only to a loopback host (SPEC 10).
+
+    Raises:
+        ValueError: any other URL.
+    """
+    try:
+        parts = urllib.parse.urlsplit(url)
+        host = parts.hostname or ""
+    except ValueError:
+        host, parts = "", None
+    if parts is None or not host or parts.scheme not in ("http", "https"):
+        raise ValueError("%s is not an http(s) URL" % mask_url(url))
+    if parts.scheme == "http" and not is_loopback(host):
+        raise ValueError("%s: use https (http only to this machine, for tests)" % mask_url(url))
+    return url
 
 
 def parse_token_url(text: str) -> Optional[str]:

@@ -19,7 +19,7 @@ import urllib.request
 from typing import Any, Dict, NamedTuple, Optional
 
 from relay_lib.deadline import Deadline
-from relay_lib.config.remotes import is_loopback
+from relay_lib.netaddr import is_loopback
 
 ACCEPT, REPLACE, REJECT, DISCARD, TEMPFAIL = "accept", "replace", "reject", "discard", "tempfail"
 DEFER = "defer"  # a synonym of tempfail

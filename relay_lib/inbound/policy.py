@@ -1,14 +1,12 @@
 """Policy: small pure decisions that return a Reply to refuse, or None.
 
-Owns who may connect, send, receive and authenticate, and the two tables
-that are re-read when their file changes (users, aliases). Must not touch
-sockets; the decisions do not log either: callers log one warning with the
-reason (only the tables log, a reload or a skipped line).
+Owns who may connect, send, receive and authenticate, and the users table
+that is re-read when its file changes. Must not touch sockets; the
+decisions do not log either: callers log one warning with the reason (only
+the table logs, a reload or a skipped line).
 """
 
 import ipaddress
-import os
-import threading
 from typing import Dict, List, Optional, Tuple, Union
 
 import bcrypt
@@ -16,8 +14,9 @@ import bcrypt
 from relay_lib import replies
 from relay_lib.inbound.authcache import AuthGuard
 from relay_lib.config.settings import Settings
-from relay_lib.logs import fields, log
-from relay_lib.config.remotes import route
+from relay_lib.delivery.aliases import Aliases
+from relay_lib.delivery.routing import route
+from relay_lib.watched import WatchedFile
 from relay_lib.replies import Reply
 
 # A real hash of a random password: checked against when the user is unknown,
@@ -78,7 +77,7 @@ def check_recipient(settings: Settings, addr: str) -> Optional[Reply]:
     return None
 
 
-def check_route(settings: Settings, aliases: "Aliases", sender: str, rcpt: str) -> Optional[Reply]:
+def check_route(settings: Settings, aliases: Aliases, sender: str, rcpt: str) -> Optional[Reply]:
     """Refuse at RCPT a recipient that no remote would receive (SPEC 5.2).
 
     With remotes configured this holds even when a command also runs: the
@@ -92,56 +91,7 @@ def check_route(settings: Settings, aliases: "Aliases", sender: str, rcpt: str) 
     return replies.NO_ROUTE
 
 
-class _WatchedFile:
-    """A table loaded from a file and swapped whole when its mtime changes."""
-
-    def __init__(self, path: Optional[str]):
-        self.path = path
-        self._stamp: Optional[Tuple[float, int]] = None
-        self._lock = threading.Lock()
-        self.table: Dict = {}
-        self._loaded = False  # the first load is start-up, not a reload
-        self._refresh()
-
-    def _refresh(self) -> Dict:
-        if not self.path:
-            return self.table
-        try:
-            st = os.stat(self.path)
-        except OSError as exc:
-            if self._stamp is not None:
-                log.warning("cannot read file, keeping the last good copy",
-                            extra=fields(file=self.path, error=exc.strerror))
-                self._stamp = None
-            return self.table
-        stamp = (st.st_mtime, st.st_size)
-        if stamp != self._stamp:
-            with self._lock:
-                if stamp != self._stamp:
-                    try:
-                        with open(self.path, "r", encoding="utf-8-sig") as f:
-                            self.table = self._parse(f.read().splitlines())
-                        if self._loaded:
-                            log.info("file reloaded", extra=fields(file=self.path, entries=len(self.table)))
-                        self._loaded = True
-                        self._stamp = stamp
-                        self._swapped()
-                    except (OSError, UnicodeDecodeError) as exc:
-                        log.warning("cannot read file, keeping the last good copy",
-                                    extra=fields(file=self.path, error=str(exc)))
-        return self.table
-
-    def _parse(self, lines: List[str]) -> Dict:
-        raise NotImplementedError
-
-    def _swapped(self) -> None:
-        """Called once a new table has replaced the old one."""
-
-    def _skip(self, number: int, why: str) -> None:
-        log.warning("skipping malformed line", extra=fields(file=self.path, line=number, reason=why))
-
-
-class Users(_WatchedFile):
+class Users(WatchedFile):
     """The allowed_users file (SPEC 2.4): `user bcrypt-hash [from,...]`, and
     the AuthGuard that keeps checking it cheap for clients and dear for guessers."""
 
@@ -194,22 +144,3 @@ class Users(_WatchedFile):
     def allowed_from(self, username: str) -> Optional[List[str]]:
         entry = self._refresh().get(username.lower())
         return entry[2] if entry else []
-
-
-class Aliases(_WatchedFile):
-    """The aliases file: `alias target` per line, compared case-insensitively."""
-
-    def _parse(self, lines: List[str]) -> Dict[str, str]:
-        table = {}
-        for number, line in enumerate(lines, 1):
-            parts = line.split()
-            if not parts or parts[0].startswith("#"):
-                continue
-            if len(parts) != 2:
-                self._skip(number, "expected: alias target")
-                continue
-            table[parts[0].lower()] = parts[1]
-        return table
-
-    def resolve(self, addr: str) -> str:
-        return self._refresh().get(addr.lower(), addr)

@@ -1,10 +1,11 @@
-"""Listeners, admission and lifecycle of the relay (SPEC 3.1, 6, 12).
+"""Listeners, admission and lifecycle of the SMTP side (SPEC 3.1, 6, 12).
 
 Owns the listening sockets (one `ThreadingTCPServer` per listen address), the
 connection slots of max_connections, the refusals at accept (allowed_nets,
 full server), which peers must send a PROXY header (proxy_nets), the TLS
-contexts of `tls_profile`, and graceful shutdown. Must not speak SMTP past
-those first refusals: each admitted client is a `Session`.
+contexts of `tls_profile`, and ending the sessions at shutdown. Must not
+speak SMTP past those first refusals: each admitted client is a `Session`,
+which hands its messages to the handler it is given.
 
 Session threads are reused (`_Workers`): `ThreadingTCPServer` would start a
 thread per connection, and with one message per connection the clone, the
@@ -14,8 +15,6 @@ accepted socket instead; a new thread starts whenever none is waiting, so
 every admitted client gets its own thread at once.
 """
 
-import ipaddress
-import os
 import queue
 import random
 import socket
@@ -26,18 +25,15 @@ import warnings
 from typing import List, Optional, Set, Tuple
 
 from relay_lib import metrics, replies
-from relay_lib.inbound import policy
-from relay_lib.inbound import proxy
 from relay_lib.config.settings import ConfigError, Listener
-from relay_lib.delivery.steps import Delivery
-from relay_lib.logs import fields, log, rebind_session, session_context
-from relay_lib.ops.metrics_http import MetricsHTTPServer
-from relay_lib.replies import Reply
-from relay_lib.inbound.session import Session
-from relay_lib.spool.queue import Spool
+from relay_lib.delivery.aliases import Aliases
+from relay_lib.inbound import policy, proxy
+from relay_lib.inbound.session import Handler, Session
 from relay_lib.inbound.wire import NoTLS, Wire, WireError
+from relay_lib.listen import ListenError, ListenSocket
+from relay_lib.logs import fields, log, rebind_session, session_context
+from relay_lib.replies import Reply
 
-POLL_INTERVAL = 0.05  # seconds; how fast serve_forever notices stop()
 ACCEPT_QUEUE = 128  # listen() backlog; socketserver's default of 5 drops bursts
 REFUSAL_SEND_TIMEOUT = 1.0  # seconds; a refusal is one short write on a fresh socket
 # tls:// refusals need a handshake, so they take a thread; this caps how many
@@ -181,57 +177,7 @@ class _Workers:
                     return None
 
 
-def _address(listener: Listener) -> Tuple[int, tuple, bool]:
-    """(address family, bind address, dual stack) for a listen address."""
-    host, port = listener.host, listener.port
-    if host == "":  # every address: one dual-stack socket where IPv6 exists
-        if socket.has_ipv6:
-            return socket.AF_INET6, ("::", port), True
-        return socket.AF_INET, ("0.0.0.0", port), False
-    try:
-        ip = ipaddress.ip_address(host)
-        family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
-        return family, (host, port), False
-    except ValueError:
-        info = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)
-        return info[0][0], info[0][4][:2], False
-
-
-class ListenError(OSError):
-    """An address that cannot be bound: the OSError, and which address
-    (`listen`'s own, or `metrics_listen ...`)."""
-
-    def __init__(self, address: str, exc: OSError):
-        super().__init__(exc.errno, exc.strerror or str(exc))
-        self.address = address
-
-
-class _ListenSocket:
-    """What every listening socket here gets, SMTP or metrics: the address
-    family of its Listener, dual stack for "every address", no port stealing.
-    """
-
-    allow_reuse_address = os.name != "nt"  # on Windows it would allow port stealing
-
-    def __init__(self, listener: Listener, *args):
-        self.address_family, address, self.dual_stack = _address(listener)
-        super().__init__(address, *args)
-
-    def server_bind(self) -> None:
-        if self.dual_stack and hasattr(socket, "IPV6_V6ONLY"):
-            # Windows defaults to IPv6 only; Linux to dual stack.
-            self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-        if hasattr(socket, "SO_EXCLUSIVEADDRUSE"):
-            # Windows only: no other program may bind our port while we hold it.
-            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_EXCLUSIVEADDRUSE, 1)
-        super().server_bind()
-
-
-class _MetricsServer(_ListenSocket, MetricsHTTPServer):
-    """The metrics_listen endpoint (SPEC 12) on a socket bound like the others."""
-
-
-class RelayServer(_ListenSocket, socketserver.ThreadingTCPServer):
+class RelayServer(ListenSocket, socketserver.ThreadingTCPServer):
     """One listen address. Admission happens here, in the accept thread, so a
     refused client never costs a thread (except on tls://, see below).
     """
@@ -248,15 +194,7 @@ class RelayServer(_ListenSocket, socketserver.ThreadingTCPServer):
         self.sessions_open, self.sessions = metrics.SESSIONS_OPEN.labels(label), metrics.SESSIONS.labels(label)
 
     def process_request(self, request, client_address) -> None:
-        refusal = self.relay._admit(client_address[0])
-        if refusal is not None:
-            self.relay._refuse(self, request, client_address, refusal)
-            return
-        try:
-            self.relay._workers.submit(self.process_request_thread, request, client_address)
-        except Exception:
-            self.relay._slots.release()  # no thread will run to release it
-            raise
+        self.relay.accept(self, request, client_address)
 
     def process_request_thread(self, request, client_address) -> None:
         # As socketserver's, except that the socket is only closed at the end:
@@ -270,7 +208,7 @@ class RelayServer(_ListenSocket, socketserver.ThreadingTCPServer):
             self.handle_error(request, client_address)
         finally:
             self.close_request(request)
-            self.relay._slots.release()
+            self.relay.release_slot()
             self.sessions_open.dec()
 
     def handle_error(self, request, client_address) -> None:
@@ -285,27 +223,25 @@ class _Handler(socketserver.BaseRequestHandler):
             # ::ffff:a.b.c.d from a dual-stack listener is logged and stamped
             # as IPv4. An AF_INET peer is already in that form: no parsing.
             peer = str(policy.peer_address(peer))
-        self.server.relay._serve(self.request, peer, self.client_address[1], self.server.listener)
+        self.server.relay.serve(self.request, peer, self.client_address[1], self.server.listener)
 
 
 class Relay:
-    """The whole SMTP side: every listener, shared tables, shutdown.
+    """The whole SMTP side: every listener, the users table, the sessions.
 
     Methods for the caller: start(), stop(), addresses, active_sessions,
-    metrics_address, healthy().
+    listening(). Methods for the listeners: accept(), serve(), release_slot().
     """
 
-    def __init__(self, settings, delivery: Optional[Delivery] = None):
+    def __init__(self, settings, handler: Handler, aliases: Aliases):
         self.settings = settings
-        self.delivery = delivery if delivery is not None else Delivery(settings)
+        self.handler = handler
         self.users = (policy.Users(settings.allowed_users, settings.auth_cache_ttl, settings.read_timeout)
                       if settings.allowed_users else None)
-        self.aliases = self.delivery.aliases  # one table: RCPT routing and delivery agree
-        self.spool = Spool(settings, self.delivery) if settings.spool_dir else None
+        self.aliases = aliases  # delivery's table: RCPT routing and delivery agree
         self.tls_context: Optional[ssl.SSLContext] = None
         self.addresses: List[Tuple[str, str, int]] = []
         self._servers: List[RelayServer] = []
-        self._metrics: Optional[_MetricsServer] = None
         self._threads: List[threading.Thread] = []
         self._slots = _Slots(settings.max_connections)
         self._tls_refusals = threading.BoundedSemaphore(MAX_TLS_REFUSALS)
@@ -318,13 +254,8 @@ class Relay:
     def active_sessions(self) -> int:
         return self._slots.count
 
-    @property
-    def metrics_address(self) -> Optional[Tuple[str, int]]:
-        """(host, port) that serves /metrics, or None without metrics_listen."""
-        return self._metrics.server_address[:2] if self._metrics is not None else None
-
-    def healthy(self) -> bool:
-        """/healthz (SPEC 12): listening, and not shutting down."""
+    def listening(self) -> bool:
+        """True while it accepts connections: started, and not shutting down."""
         return not self._stopping and any(t.is_alive() for t in self._threads)
 
     def start(self) -> None:
@@ -335,8 +266,6 @@ class Relay:
             ListenError: a listen address cannot be bound.
         """
         self.tls_context = make_server_context(self.settings)
-        if self.spool is not None:
-            self.spool.start()  # the queue is picked up before any client is accepted
         try:
             for listener in self.settings.listen:
                 try:
@@ -346,8 +275,6 @@ class Relay:
                 self._servers.append(server)
                 host, port = server.server_address[:2]
                 self.addresses.append((listener.scheme, host, port))
-            if self.settings.metrics_listen is not None:
-                self._metrics = self._bind_metrics(self.settings.metrics_listen)
         except BaseException:
             for server in self._servers:
                 server.server_close()
@@ -355,37 +282,23 @@ class Relay:
             self.addresses = []
             raise
         for server, (scheme, host, port) in zip(self._servers, self.addresses):
-            thread = threading.Thread(target=server.serve_forever, args=(POLL_INTERVAL,),
-                                      name="smtprelay-listen-%d" % port, daemon=True)
+            thread = threading.Thread(target=server.serve, name="smtprelay-listen-%d" % port, daemon=True)
             thread.start()
             self._threads.append(thread)
             log.info("listening on %s:%d (%s)", "[%s]" % host if ":" in host else host, port, scheme)
-        if self._metrics is not None:
-            self._metrics.start()
-            log.info("metrics on %s", self.settings.metrics_listen._replace(port=self.metrics_address[1]))
-
-    def _bind_metrics(self, listener: Listener) -> _MetricsServer:
-        """Raises: ListenError naming metrics_listen and its address."""
-        try:
-            return _MetricsServer(listener, self.healthy)
-        except OSError as exc:
-            raise ListenError("metrics_listen %s" % (listener,), exc) from None
 
     def stop(self, timeout: Optional[float] = None) -> None:
         """Stop accepting, end idle sessions with 421 4.3.2, and wait for
         messages in progress up to `timeout` (default data_timeout) (SPEC 6).
+        The handler is the caller's to close afterwards.
         """
         if timeout is None:
             timeout = self.settings.data_timeout
         with self._lock:
             self._stopping = True
             sessions = list(self._sessions)
-        if self.spool is not None:
-            self.spool.stop()  # no new queue attempt; those in progress finish below
-        # Only servers whose thread started: shutdown() would wait forever on
-        # one that never ran serve_forever().
-        for server, _ in zip(self._servers, self._threads):
-            server.shutdown()
+        for index, server in enumerate(self._servers):
+            server.stop_serving(running=index < len(self._threads))
         for server in self._servers:
             server.server_close()
         self._workers.close()
@@ -393,19 +306,31 @@ class Relay:
             session.shutdown()
         if not self._slots.wait_empty(timeout):
             log.warning("sessions still running at shutdown", extra=fields(count=self._slots.count))
-        if self.spool is not None:
-            self.spool.join(timeout)
-        self.delivery.close()
-        if self._metrics is not None:
-            self._metrics.stop()
 
-    # ---- called from the listener threads ---------------------------------
+    # ---- called from the listeners ------------------------------------------
+
+    def accept(self, server: RelayServer, sock: socket.socket, client_address) -> None:
+        """A new connection, in the accept thread: refuse it at once, or give
+        it a slot and a session thread (SPEC 3.1)."""
+        refusal = self._admit(client_address[0])
+        if refusal is not None:
+            self._refuse(server, sock, client_address, refusal)
+            return
+        try:
+            self._workers.submit(server.process_request_thread, sock, client_address)
+        except Exception:
+            self._slots.release()  # no thread will run to release it
+            raise
+
+    def release_slot(self) -> None:
+        """A session thread is done with its connection."""
+        self._slots.release()
 
     def _admit(self, ip: str) -> Optional[Reply]:
         """None and a taken slot, or the refusal for this client (SPEC 3.1).
 
         A load balancer's connection is checked against allowed_nets only
-        once its PROXY header has named the client (see _serve).
+        once its PROXY header has named the client (see serve).
         """
         if self._stopping:
             metrics.CONNECTIONS_REFUSED.labels("shutting_down").inc()
@@ -494,7 +419,7 @@ class Relay:
         s = self.settings
         return Wire(sock, s.read_timeout, s.write_timeout, s.data_timeout)
 
-    def _serve(self, sock: socket.socket, ip: str, port: int, listener: Listener) -> None:
+    def serve(self, sock: socket.socket, ip: str, port: int, listener: Listener) -> None:
         """Run one admitted client: its PROXY header from a load balancer,
         TLS on tls://, then the session.
 
@@ -526,7 +451,7 @@ class Relay:
                 metrics.CONNECTIONS_REFUSED.labels("tls_handshake").inc()
                 log.warning("tls handshake failed", extra=fields(peer=ip, reason=str(exc)))
                 return
-        session = Session(settings, wire, ip, self.delivery, users=self.users, aliases=self.aliases,
+        session = Session(settings, wire, ip, self.handler, users=self.users, aliases=self.aliases,
                           starttls_context=self.tls_context if listener.scheme == "starttls" else None,
                           implicit_tls=listener.scheme == "tls")
         with self._lock:

@@ -3,7 +3,7 @@
 Owns the sequence rules (one `GATES` table), the verbs, the MAIL/RCPT syntax,
 AUTH, and the per-session limits. Must not touch a socket: it reads lines and
 bodies from `Wire` and hands it `Reply` values; decisions come from `policy`
-and the message goes to `delivery`.
+and the message goes to its `Handler` (delivery, or the spool around it).
 
 Theory of operation: `run()` reads one command line at a time, checks the
 verb's `GATES` in order (the first one that objects answers), then calls the
@@ -18,12 +18,13 @@ import enum
 import threading
 import time
 from datetime import datetime, timezone
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Protocol, Tuple
 
 from relay_lib import metrics, replies
+from relay_lib.delivery.aliases import Aliases
+from relay_lib.envelope import Envelope, new_message_id
 from relay_lib.inbound import policy
 from relay_lib.inbound.authcache import PENALTY_REPLY_DELAY
-from relay_lib.delivery.steps import Delivery, Envelope, new_message_id
 from relay_lib.inbound.mailpath import parse_path
 from relay_lib.logs import TRACE, fields, session_logger
 from relay_lib.replies import Reply, SmtpError, clean_echo
@@ -109,22 +110,29 @@ GATES: Dict[str, Tuple[Gate, ...]] = {
 }
 
 
+class Handler(Protocol):
+    """Where a session's messages go: delivery, or the spool around it."""
+
+    def deliver(self, env: Envelope, body: bytes) -> Reply:
+        """The client's reply for one message; never raises."""
+
+
 class Session:
     """One SMTP conversation over a `Wire`, from greeting to close.
 
     Methods for the caller: run(), and shutdown() from another thread.
     """
 
-    def __init__(self, settings, wire: Wire, peer: str, delivery: Delivery,
+    def __init__(self, settings, wire: Wire, peer: str, handler: Handler,
                  users: Optional[policy.Users] = None,
-                 aliases: Optional[policy.Aliases] = None,
+                 aliases: Optional[Aliases] = None,
                  starttls_context=None, implicit_tls: bool = False):
         self.settings = settings
         self.wire = wire
         self.peer = peer
-        self.delivery = delivery
+        self.handler = handler
         self.users = users
-        self.aliases = aliases if aliases is not None else policy.Aliases(None)
+        self.aliases = aliases if aliases is not None else Aliases(None)
         # Set only on starttls:// listeners: STARTTLS is offered with it.
         self.starttls_context = starttls_context
         self.log = session_logger(peer=peer)
@@ -302,7 +310,7 @@ class Session:
             self.log.warning("too many errors, closing", extra=fields(errors=self.errors))
             self._last_words(replies.TOO_MANY_ERRORS)
             return False
-        if reply.code >= 500 or reply.code == 452:
+        if replies.is_refusal(reply):
             self.log.warning("refused", extra=fields(reply=str(reply), **why))
         self._reply(reply)
         return True
@@ -545,7 +553,7 @@ class Session:
             self._fail(replies.TOO_BIG)
             return
         envelope.received_at = datetime.now(timezone.utc)
-        self._reply(self.delivery.deliver(envelope, body))
+        self._reply(self.handler.deliver(envelope, body))
 
     def smtp_RSET(self, arg: str) -> None:
         self._enter(Phase.READY if self.phase is not Phase.CONNECTED else Phase.CONNECTED)

@@ -5,7 +5,7 @@ Owns that server and its limits: one request per connection, short socket
 timeouts and a deadline over each whole request, a few requests at a time,
 404 for any other path. Must not count
 anything: it renders `metrics.REGISTRY` and asks its caller whether the relay
-is healthy. Only `server.py` starts it.
+is healthy. The service wiring starts and stops it.
 """
 
 import socket
@@ -17,6 +17,7 @@ from typing import Callable
 from urllib.parse import urlsplit
 
 from relay_lib.deadline import Deadline
+from relay_lib.listen import ListenSocket
 from relay_lib.logs import fields, log
 from relay_lib.metrics import REGISTRY
 
@@ -25,7 +26,6 @@ SOCKET_TIMEOUT = 5.0  # seconds for each read and write of a request
 REQUEST_DEADLINE = 5.0  # seconds for a whole request: one header byte a second cannot hold a slot
 MAX_REQUESTS = 4  # requests served at once; more are closed unanswered
 LOGGED_REQUEST = 200  # characters of a request line kept in the debug log
-POLL_INTERVAL = 0.1  # seconds; how fast serve_forever notices shutdown()
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -65,20 +65,19 @@ class _Handler(BaseHTTPRequestHandler):
         log.debug("metrics request", extra=fields(peer=self.client_address[0], request=request))
 
 
-class MetricsHTTPServer(ThreadingHTTPServer):
-    """Serves /metrics and /healthz; `healthy()` decides /healthz.
+class MetricsHTTPServer(ListenSocket, ThreadingHTTPServer):
+    """Serves /metrics and /healthz on `listener`; `healthy()` decides /healthz.
 
     Methods for the caller: start() and stop(); bind in the constructor.
     """
 
     daemon_threads = True  # a stuck scraper must not keep the process alive
 
-    def __init__(self, address, healthy: Callable[[], bool]):
+    def __init__(self, listener, healthy: Callable[[], bool]):
         self.healthy = healthy
         self._requests = threading.BoundedSemaphore(MAX_REQUESTS)
-        self._thread = threading.Thread(target=self.serve_forever, args=(POLL_INTERVAL,),
-                                        name="smtprelay-metrics", daemon=True)
-        super().__init__(address, _Handler)
+        self._thread = threading.Thread(target=self.serve, name="smtprelay-metrics", daemon=True)
+        super().__init__(listener, _Handler)
 
     def server_bind(self) -> None:
         # HTTPServer's would also look up our own host name (getfqdn), which
@@ -114,6 +113,6 @@ class MetricsHTTPServer(ThreadingHTTPServer):
     def stop(self) -> None:
         """Stop serving and close the socket; waits for the serving thread."""
         if self._thread.is_alive():
-            self.shutdown()
+            self.stop_serving(running=True)
             self._thread.join()
         self.server_close()

@@ -1,10 +1,10 @@
-"""Upstream: talking SMTP to a remote (SPEC 5.3, 10, 11).
+"""The dispatcher: talking SMTP to a remote (SPEC 5.3, 10, 11).
 
 Owns the `Dispatcher` (a pool of greeted, secured and authenticated
 connections per remote, each a `smtp_client` connection), AUTH
-PLAIN/LOGIN/XOAUTH2, the `-test-remotes` probe and how a remote's reply
-text is cleaned. Must not choose remotes or map failures to client replies:
-it takes one remote, an envelope and bytes, and raises on failure.
+PLAIN/LOGIN/XOAUTH2 and the `-test-remotes` probe. Must not choose remotes
+or map failures to client replies: it takes one remote, an envelope and
+bytes, and returns what the remote did (`Sent`) or a `Failure`.
 """
 
 import re
@@ -13,11 +13,13 @@ import smtplib
 import ssl
 import threading
 import time
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, NamedTuple, Optional, Tuple, Union
 
-from relay_lib import metrics, replies
-from relay_lib.outbound.outbox import check_folder
-from relay_lib.config.remotes import Remote, failure_code, is_loopback
+from relay_lib import failure, metrics, replies
+from relay_lib.config.remotes import Remote
+from relay_lib.failure import Failure, reply_text
+from relay_lib.files import check_folder
+from relay_lib.netaddr import is_loopback
 from relay_lib.outbound.smtp_client import KERNEL_TIMEOUTS, Client, ClientTLS, SetupFailed, use_kernel_timeouts
 
 # Strategy: `Dispatcher.send` runs one SMTP transaction on an smtplib
@@ -31,18 +33,40 @@ from relay_lib.outbound.smtp_client import KERNEL_TIMEOUTS, Client, ClientTLS, S
 # every failure closes the connection instead of returning it to the pool.
 # A reused connection that turns out dead, or answers 421, before the body
 # was sent is retried once on a fresh connection: nothing was delivered yet.
-# Failures are raised as smtplib exceptions; delivery maps them to replies.
+# Inside, smtplib raises; at the boundary, `send` returns a Failure instead.
 
 _DOT_LINE = re.compile(rb"(?m)^\.")
 TRUST_RECENT = 2.0  # seconds since its last use in which a pooled connection skips the liveness check
 _QUIT_TIMEOUT = 2.0  # seconds to hand a QUIT to the kernel when closing
-_REPLY_TEXT_MAX = 300  # characters of a remote reply kept; a reply line stays under 512 [R5321 4.5.3.1.5]
+# The steps of setting up a connection, as -test-remotes names them, and the
+# stage a failure there is reported at.
+_SETUP_STAGES = {"token": failure.TOKEN, "connect": failure.CONNECT, "TLS connect": failure.CONNECT,
+                 "EHLO": failure.EHLO, "STARTTLS": failure.STARTTLS, "AUTH": failure.AUTH}
+
+
+class Sent(NamedTuple):
+    """What the remote said of each recipient: its final reply for those it
+    took (None when it took none), and the ones it refused one by one
+    (only with keep_going)."""
+
+    reply: Optional[str]
+    refused: Dict[str, Failure]
+
+
 class _TokenRefused(SetupFailed):
     """AUTH XOAUTH2 got 535 with a cached token: it may have been revoked (SPEC 10)."""
 
-    def __init__(self, token, text: str):
-        super().__init__(text)
+    def __init__(self, token, text: str, code: int, raw: bytes):
+        super().__init__(text, code, raw)
         self.token = token
+
+
+class _Refused(Exception):
+    """The remote refused MAIL, RCPT or DATA: unwinds the transaction with its Failure."""
+
+    def __init__(self, failure: Failure):
+        super().__init__(failure.describe())
+        self.failure = failure
 
 
 class _Stale(Exception):
@@ -53,16 +77,18 @@ class _Conn:
     """One open, greeted, authenticated smtplib connection.
 
     `in_step` is False while the remote may still owe replies or wait for
-    a body; only a connection in step is closed with QUIT.
+    a body; only a connection in step is closed with QUIT. `stage` is the
+    step of the transaction under way, for the Failure if it breaks.
     """
 
-    __slots__ = ("smtp", "pipelining", "last_used", "in_step")
+    __slots__ = ("smtp", "pipelining", "last_used", "in_step", "stage")
 
     def __init__(self, smtp: smtplib.SMTP):
         self.smtp = smtp
         self.pipelining = smtp.has_extn("pipelining")
         self.last_used = time.monotonic()
         self.in_step = True
+        self.stage = failure.MAIL
 
     def looks_alive(self) -> bool:
         """True unless the socket is readable, which means EOF or an unsolicited reply."""
@@ -119,10 +145,10 @@ class Dispatcher:
         # Remote -> monotonic time until which it is skipped. Each read and
         # write is one atomic dict operation: no lock needed.
         self._down: Dict[Remote, float] = {}
-        # One context per verification mode, built once: creating a context
-        # loads the system trust store, far too slow to do per message.
-        self._contexts = {flag: _client_context(flag, client_cert, client_key)
-                          for flag in (False, True)}
+        # One context per verification mode, built on first use and kept:
+        # creating one loads the system trust store, far too slow per message.
+        self._client_cert = client_cert, client_key
+        self._contexts: Dict[bool, ssl.SSLContext] = {}
         self._idle: Dict[Remote, List[_Conn]] = {}
         self._lock = threading.Lock()
         self._closed = False
@@ -130,67 +156,75 @@ class Dispatcher:
         self._reaper: Optional[threading.Thread] = None
 
     def send(self, remote: Remote, sender: str, rcpts: List[str], message: bytes,
-             refused: Optional[Dict[str, Tuple[int, bytes]]] = None) -> str:
-        """Send one message to `rcpts` through `remote`; returns the remote's final reply.
+             keep_going: bool = False) -> Union[Sent, Failure]:
+        """Send one message to `rcpts` through `remote`: what it took, or why not.
 
-        With a `refused` dict, a recipient the remote refuses is recorded
-        there and the others still get the message; only when every one is
-        refused does it raise SMTPRecipientsRefused, naming them all.
+        With `keep_going`, a recipient the remote refuses is recorded in
+        `Sent.refused` and the others still get the message; when it refuses
+        every one, `Sent.reply` is None and no body is sent.
 
         `message` has CRLF line ends and is sent byte for byte (dot-stuffed on
         the wire [R5321 4.5.2]). `remote.sender`, when set, replaces `sender`.
         The outcome and the time it took go to the remote metrics (SPEC 12).
-
-        Raises:
-            smtplib.SMTPResponseException: the remote refused with this reply
-                (SMTPSenderRefused, SMTPDataError, SMTPConnectError, SMTPHeloError).
-            smtplib.SMTPRecipientsRefused: a recipient was refused; one refusal fails the
-                message (without `refused`).
-            SetupFailed, OSError: STARTTLS or AUTH failed, connection refused,
-                dropped or timed out (smtplib.SMTPException is an OSError).
         """
         started = time.monotonic()
-        try:
-            reply = self._send(remote, sender, rcpts, message, refused)
-        except Exception as exc:
-            _count(remote, "rejected" if 500 <= failure_code(exc)[0] <= 599 else "tempfailed", started)
-            raise
-        _count(remote, "delivered", started)
-        return reply
+        result = self._send(remote, sender, rcpts, message, {} if keep_going else None)
+        worst = result if isinstance(result, Failure) else None
+        if worst is None and result.reply is None:
+            worst = next(iter(result.refused.values()))
+        _count(remote, "delivered" if worst is None else "rejected" if worst.permanent else "tempfailed",
+               started)
+        return result
 
     def _send(self, remote: Remote, sender: str, rcpts: List[str], message: bytes,
-              refused: Optional[dict]) -> str:
+              refused: Optional[Dict[str, Failure]]) -> Union[Sent, Failure]:
         """send() without the counting: a pooled connection when one is idle, else a new one."""
         if remote.sender is not None:
             sender = remote.sender
         conn = self._checkout(remote)
         if conn is not None:
             try:
-                reply = _transaction(conn, sender, rcpts, message, reused=True, refused=refused)
+                return self._run(remote, conn, sender, rcpts, message, True, refused)
             except _Stale:
                 conn.close()  # closed by the remote while idle: nothing was sent, retry
                 if refused:
                     refused.clear()
-            except BaseException:
-                conn.close(polite=conn.in_step)
-                raise
-            else:
-                self._checkin(remote, conn)
-                return reply
+        steps: List[str] = []
         try:
-            conn = self._open(remote)
-        except Exception:
-            self._down[remote] = time.monotonic() + self.failover_skip
-            raise
+            conn = self._open(remote, steps)
+        except OSError as exc:  # SetupFailed and every smtplib error are OSErrors
+            found = _setup_failure(remote, _SETUP_STAGES.get(steps[-1], failure.CONNECT), exc)
+            if found.kind is not failure.Kind.THROTTLE:
+                self._down[remote] = time.monotonic() + self.failover_skip
+            return found
         if self._down:
             self._down.pop(remote, None)
+        return self._run(remote, conn, sender, rcpts, message, False, refused)
+
+    def _run(self, remote: Remote, conn: _Conn, sender: str, rcpts: List[str], message: bytes,
+             reused: bool, refused: Optional[Dict[str, Failure]]) -> Union[Sent, Failure]:
+        """One transaction on `conn`, which goes back to the pool only after a 2xx.
+
+        Raises:
+            _Stale: a reused connection was found dead before the remote saw anything.
+        """
         try:
-            reply = _transaction(conn, sender, rcpts, message, reused=False, refused=refused)
+            reply = _transaction(remote, conn, sender, rcpts, message, reused, refused)
+        except _Stale:
+            raise
+        except _Refused as exc:
+            conn.close(polite=conn.in_step)
+            if refused and len(refused) == len(rcpts):
+                return Sent(None, dict(refused))  # each recipient has its own answer
+            return exc.failure
+        except OSError as exc:  # dropped, timed out, or a reply too long to read
+            conn.close(polite=conn.in_step)
+            return failure.temporary(conn.stage, remote.masked(), _error(exc))
         except BaseException:
             conn.close(polite=conn.in_step)
             raise
         self._checkin(remote, conn)
-        return reply
+        return Sent(reply, dict(refused or {}))
 
     def close(self) -> None:
         """Close every idle connection (with QUIT) and stop the idle reaper."""
@@ -251,6 +285,12 @@ class Dispatcher:
             self.tokens.drop(exc.token)
             return self._connect(remote, steps, retry=False)
 
+    def _context(self, skip_verify: bool) -> ssl.SSLContext:
+        context = self._contexts.get(skip_verify)
+        if context is None:
+            context = self._contexts[skip_verify] = _client_context(skip_verify, *self._client_cert)
+        return context
+
     def _token(self):
         if self.tokens is None:
             raise SetupFailed("auth=xoauth2 needs oauth_token_url and oauth_client_id")
@@ -265,19 +305,19 @@ class Dispatcher:
         if remote.auth == "xoauth2":
             steps.append("token")
             token, fetched = self._token()
-        context = self._contexts[remote.skip_verify]
         steps.append("TLS connect" if remote.implicit_tls else "connect")
         try:
             if remote.implicit_tls:
                 smtp = ClientTLS(remote.host, remote.port, local_hostname=self.hostname,
-                                  timeout=self.timeout, context=context)
+                                  timeout=self.timeout, context=self._context(remote.skip_verify))
             else:
                 smtp = Client(remote.host, remote.port, local_hostname=self.hostname,
                                timeout=self.timeout)
         except smtplib.SMTPConnectError as exc:
             # A refused greeting (554 no service, a blocklisted relay IP) is a
             # refused connection: 451, never a bounce of every message (SPEC 4.1).
-            raise SetupFailed("greeting refused: %d %s" % (exc.smtp_code, reply_text(exc.smtp_error))) from None
+            raise SetupFailed("greeting refused: %d %s" % (exc.smtp_code, reply_text(exc.smtp_error)),
+                              exc.smtp_code, exc.smtp_error) from None
         try:
             steps.append("EHLO")
             _hello(smtp)
@@ -285,9 +325,10 @@ class Dispatcher:
                 if smtp.has_extn("starttls"):
                     steps.append("STARTTLS")
                     try:
-                        smtp.starttls(context=context)
+                        smtp.starttls(context=self._context(remote.skip_verify))
                     except smtplib.SMTPResponseException as exc:
-                        raise SetupFailed("STARTTLS refused: %d %s" % (exc.smtp_code, reply_text(exc.smtp_error)))
+                        raise SetupFailed("STARTTLS refused: %d %s" % (exc.smtp_code, reply_text(exc.smtp_error)),
+                                          exc.smtp_code, exc.smtp_error) from None
                     _hello(smtp)  # [R3207 4.2]: forget what was said before TLS
                 elif remote.scheme == "starttls":
                     raise SetupFailed("STARTTLS required but not offered")
@@ -308,8 +349,8 @@ class Dispatcher:
                     text = "AUTH %s refused: %d %s" % (remote.auth.upper(), exc.smtp_code,
                                                        reply_text(exc.smtp_error))
                     if exc.smtp_code == 535 and token is not None and retry and not fetched:
-                        raise _TokenRefused(token, text)
-                    raise SetupFailed(text)
+                        raise _TokenRefused(token, text, exc.smtp_code, exc.smtp_error) from None
+                    raise SetupFailed(text, exc.smtp_code, exc.smtp_error) from None
                 finally:
                     smtp.password = ""  # not needed again on this connection
         except BaseException as exc:
@@ -378,6 +419,20 @@ def _why(exc: OSError) -> str:
     return getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
 
 
+def _setup_failure(remote: Remote, stage: str, exc: OSError) -> Failure:
+    """What a failed connect, greeting, EHLO, STARTTLS, AUTH or token fetch means."""
+    code = getattr(exc, "code", 0) or getattr(exc, "smtp_code", 0)
+    raw = getattr(exc, "raw", b"") or getattr(exc, "smtp_error", b"")
+    if code:
+        return failure.refused(stage, code, raw, remote.masked(), remote.host, detail=_error(exc))
+    return failure.temporary(stage, remote.masked(), _error(exc))
+
+
+def _error(exc: BaseException) -> str:
+    """An exception as one log field: its type and its text."""
+    return "%s: %s" % (type(exc).__name__, str(exc) or "no detail")
+
+
 def _auth_xoauth2(smtp: smtplib.SMTP, user: str, token) -> None:
     """AUTH XOAUTH2 with the initial response (SPEC 10).
 
@@ -399,7 +454,8 @@ def _hello(smtp: smtplib.SMTP) -> None:
     try:
         smtp.ehlo_or_helo_if_needed()
     except smtplib.SMTPHeloError as exc:
-        raise SetupFailed("EHLO refused: %d %s" % (exc.smtp_code, reply_text(exc.smtp_error))) from None
+        raise SetupFailed("EHLO refused: %d %s" % (exc.smtp_code, reply_text(exc.smtp_error)),
+                          exc.smtp_code, exc.smtp_error) from None
 
 
 def _client_context(skip_verify: bool, cert: Optional[str], key: Optional[str]) -> ssl.SSLContext:
@@ -413,32 +469,18 @@ def _client_context(skip_verify: bool, cert: Optional[str], key: Optional[str]) 
     return context
 
 
-def reply_text(raw) -> str:
-    """A remote's reply text as one printable line, bounded in length.
-
-    smtplib joins the lines of a multi-line reply with "\\n"; an enhanced
-    code repeated at the start of each continuation line is dropped.
-    """
-    if isinstance(raw, bytes):
-        raw = raw.decode("utf-8", "replace")
-    if "\n" not in raw and raw.isprintable():  # the common case: one plain line
-        return raw[:_REPLY_TEXT_MAX]
-    lines = str(raw).split("\n")
-    first = lines[0].split(None, 1)
-    code = first[0] if first and replies.is_enhanced_code(first[0]) else None
-    rest = [ln.split(None, 1)[1] if code and ln.startswith(code + " ") else ln for ln in lines[1:]]
-    text = " ".join(" ".join([lines[0]] + rest).split())
-    return text[:_REPLY_TEXT_MAX]
-
-
 def _address(addr: str) -> bytes:
     return ("<%s>" % addr).encode("utf-8")
 
 
-def _transaction(conn: _Conn, sender: str, rcpts: List[str], message: bytes, reused: bool,
-                 refused: Optional[dict]) -> str:
-    """One MAIL/RCPT/DATA transaction; raises on the first refusal, or
-    records refused recipients in `refused` (see Dispatcher.send)."""
+def _transaction(remote: Remote, conn: _Conn, sender: str, rcpts: List[str], message: bytes,
+                 reused: bool, refused: Optional[Dict[str, Failure]]) -> str:
+    """One MAIL/RCPT/DATA transaction; returns the remote's final reply.
+    Refused recipients go into `refused` when given (see Dispatcher.send).
+
+    Raises:
+        _Refused: the remote refused; _Stale: see Dispatcher._run; OSError: the connection broke.
+    """
     smtp = conn.smtp
     options = []
     if smtp.has_extn("size"):
@@ -447,64 +489,66 @@ def _transaction(conn: _Conn, sender: str, rcpts: List[str], message: bytes, reu
         options.append(b" BODY=8BITMIME")
     if not (sender.isascii() and all(r.isascii() for r in rcpts)):
         if not smtp.has_extn("smtputf8"):
-            # Permanent: this remote can never take these addresses.
-            refusal = replies.REMOTE_NO_SMTPUTF8
-            raise smtplib.SMTPSenderRefused(
-                refusal.code, ("%s %s" % (refusal.enhanced, refusal.text)).encode("ascii"), sender)
+            # Permanent: this remote can never take these addresses [R6531 3.4].
+            raise _Refused(failure.Failure(failure.Kind.PERMANENT, failure.MAIL, remote.masked(),
+                                           replies.REMOTE_NO_SMTPUTF8, host=remote.host))
         options.append(b" SMTPUTF8")
-    steps = [("MAIL", b"MAIL FROM:" + _address(sender) + b"".join(options) + b"\r\n", sender)]
-    steps.extend(("RCPT", b"RCPT TO:" + _address(r) + b"\r\n", r) for r in rcpts)
-    steps.append(("DATA", b"DATA\r\n", None))
+    steps = [(failure.MAIL, b"MAIL FROM:" + _address(sender) + b"".join(options) + b"\r\n", None)]
+    steps.extend((failure.RCPT, b"RCPT TO:" + _address(r) + b"\r\n", r) for r in rcpts)
+    steps.append((failure.DATA, b"DATA\r\n", None))
     conn.in_step = False
     # No RSET on a reused connection: only connections whose last transaction
     # ended in 2xx go back to the pool, and that leaves no state [R5321 4.1.4].
     # A connection found dead at MAIL was never given the message: retry it.
     if conn.pipelining:
         _write(smtp, b"".join(cmd for _, cmd, _ in steps), stale_ok=reused)
-    for index, (verb, cmd, arg) in enumerate(steps):
-        first = verb == "MAIL"
+    for index, (stage, cmd, rcpt) in enumerate(steps):
+        first = stage == failure.MAIL
+        conn.stage = stage
         if not conn.pipelining:
             _write(smtp, cmd, stale_ok=reused and first)
         code, text = _read(smtp, stale_ok=reused and first)
         if reused and code == 421:
             # The remote is closing this old connection (idle limit, messages
             # per connection); no body was sent, so a fresh one may try again.
-            raise _Stale("%s answered 421" % verb)
-        refusal = _refusal(verb, code, text, arg, refused, len(rcpts))
+            raise _Stale("%s answered 421" % stage)
+        refusal = _refusal(remote, stage, code, text, rcpt, refused, len(rcpts))
         if refusal is not None:
             owed = len(steps) - index - 1 if conn.pipelining else 0
             conn.in_step = _settle(smtp, owed, code)
-            raise refusal
+            raise _Refused(refusal)
     if message.startswith(b".") or b"\n." in message:
         message = _DOT_LINE.sub(b"..", message)
     if not message.endswith(b"\r\n"):
         message += b"\r\n"
+    conn.stage = failure.BODY
     _write(smtp, message + b".\r\n", stale_ok=False)
     code, text = _read(smtp, stale_ok=False)
     conn.in_step = True
     if not 200 <= code <= 299:
-        raise smtplib.SMTPDataError(code, text)
+        raise _Refused(failure.refused(failure.BODY, code, text, remote.masked(), remote.host))
     conn.last_used = time.monotonic()
     return "%d %s" % (code, reply_text(text))
 
 
-def _refusal(verb: str, code: int, text: bytes, arg: Optional[str], refused: Optional[dict],
-             total: int) -> Optional[smtplib.SMTPException]:
-    """The exception for a refused MAIL, RCPT or DATA, or None to go on.
+def _refusal(remote: Remote, stage: str, code: int, text: bytes, rcpt: Optional[str],
+             refused: Optional[Dict[str, Failure]], total: int) -> Optional[Failure]:
+    """The Failure for a refused MAIL, RCPT or DATA, or None to go on.
 
     With a `refused` dict a refused recipient is recorded there instead,
     and only DATA after every recipient was refused fails (Dispatcher.send).
     """
-    if verb == "MAIL" and code != 250:
-        return smtplib.SMTPSenderRefused(code, text, arg)
-    if verb == "RCPT" and code not in (250, 251):
+    if stage == failure.MAIL and code != 250:
+        return failure.refused(stage, code, text, remote.masked(), remote.host)
+    if stage == failure.RCPT and code not in (250, 251):
+        found = failure.refused(stage, code, text, remote.masked(), remote.host, rcpt)
         if refused is None:
-            return smtplib.SMTPRecipientsRefused({arg: (code, text)})
-        refused[arg] = (code, text)
-    elif verb == "DATA" and refused and len(refused) == total:
-        return smtplib.SMTPRecipientsRefused(dict(refused))
-    elif verb == "DATA" and code != 354:
-        return smtplib.SMTPDataError(code, text)
+            return found
+        refused[rcpt] = found
+    elif stage == failure.DATA and refused and len(refused) == total:
+        return next(iter(refused.values()))
+    elif stage == failure.DATA and code != 354:
+        return failure.refused(stage, code, text, remote.masked(), remote.host)
     return None
 
 

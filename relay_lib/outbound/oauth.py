@@ -18,11 +18,11 @@ import urllib.request
 from typing import Dict, Optional, Tuple
 
 from relay_lib import metrics
+from relay_lib.config.settings import DEFAULT_SCOPE
 from relay_lib.deadline import Deadline
 from relay_lib.logs import fields, log, mask_url
-from relay_lib.config.remotes import is_loopback
+from relay_lib.netaddr import is_loopback
 
-DEFAULT_SCOPE = "https://outlook.office365.com/.default"  # Exchange Online, app-only
 RENEW_BEFORE = 300.0  # SPEC 10: renew 5 minutes before expires_in ...
 DEFAULT_LIFETIME = 3600  # expires_in is only RECOMMENDED [R6749 5.1]; an hour is what both big providers give
 MAX_LIFETIME = 86400  # a longer expires_in counts as a day: renewed at half of it, never unbounded
@@ -36,24 +36,6 @@ class TokenError(OSError):
     An OSError like every other network failure on the way to a remote, so
     the caller treats it as temporary. Its text never holds a secret.
     """
-
-
-def check_token_url(url: str) -> str:
-    """The oauth_token_url value: https, or http only to a loopback host (SPEC 10).
-
-    Raises:
-        ValueError: any other URL.
-    """
-    try:
-        parts = urllib.parse.urlsplit(url)
-        host = parts.hostname or ""
-    except ValueError:
-        host, parts = "", None
-    if parts is None or not host or parts.scheme not in ("http", "https"):
-        raise ValueError("%s is not an http(s) URL" % mask_url(url))
-    if parts.scheme == "http" and not is_loopback(host):
-        raise ValueError("%s: use https (http only to this machine, for tests)" % mask_url(url))
-    return url
 
 
 def xoauth2_response(user: str, access_token: str) -> str:

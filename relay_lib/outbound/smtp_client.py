@@ -4,7 +4,7 @@ failure when the remote's TLS mode is not the URL's, kernel timeouts on plain
 Linux sockets.
 
 Owns the smtplib subclasses `Client` and `ClientTLS` and `SetupFailed`. Must
-not pool, authenticate or send mail: `upstream` does that over these.
+not pool, authenticate or send mail: `dispatcher` does that over these.
 """
 
 import select
@@ -32,12 +32,14 @@ _PLAIN_TEXT_ANSWERS = ("WRONG_VERSION_NUMBER", "RECORD_LAYER_FAILURE", "PACKET_L
 
 
 class SetupFailed(smtplib.SMTPException):
-    """Greeting, EHLO, STARTTLS or AUTH towards a remote failed: always
-    temporary (SPEC 4.1).
-
-    A 5xx answer before MAIL is about this relay (its address, configuration
-    or TLS setup), not about the message, so it must not bounce the message.
+    """Greeting, EHLO, STARTTLS or AUTH towards a remote failed, with the
+    reply it gave (`code` 0 when it gave none). Stays inside outbound: the
+    dispatcher turns it into a Failure (SPEC 4.1: never a bounce).
     """
+
+    def __init__(self, detail: str, code: int = 0, raw: bytes = b""):
+        super().__init__(detail)
+        self.code, self.raw = code, raw
 
 
 class _ReplyReader:

@@ -2,9 +2,10 @@
 them at start-up, the retry schedule and its threads, bounces, the size
 limit, and the -queue, -flush and -delete commands.
 
-Owns everything under spool_dir. Must not speak SMTP or HTTP: an attempt runs
-delivery's own steps (`Delivery.run_steps`), and delivery hands a message
-over through one call, `settle`.
+Owns everything under spool_dir. Must not speak SMTP or HTTP. Wraps
+delivery: with a spool, the session hands its messages to `Spool.deliver`,
+which runs delivery's steps and keeps what they could not finish; a retry
+runs the steps a queued message still owes (`Delivery.run_steps`).
 """
 
 import ctypes
@@ -20,11 +21,12 @@ from typing import Dict, List, Optional, Tuple
 
 from relay_lib import metrics, replies
 from relay_lib.spool import dsn
-from relay_lib.outbound import outbox
-from relay_lib.config import remotes
+from relay_lib import files
 from relay_lib.config.settings import ConfigError, Settings
-from relay_lib.delivery.steps import (DELIVERED, DISCARDED, PENDING, REFUSED, Delivery, Envelope, Job, Pair,
-                       new_message_id)
+from relay_lib.delivery import outcome, routing
+from relay_lib.delivery.jobs import DELIVERED, DISCARDED, PENDING, REFUSED, Job, Pair
+from relay_lib.delivery.steps import Attempt, Delivery
+from relay_lib.envelope import Envelope, new_message_id
 from relay_lib.logs import fields, log
 from relay_lib.replies import Reply
 
@@ -193,7 +195,8 @@ class _Entry:
 
 
 class Spool:
-    """The queue of one relay: start(), settle() from delivery, stop() and join()."""
+    """The queue of one relay, and the session's handler when there is one:
+    start(), deliver() for each message, stop() and join()."""
 
     def __init__(self, settings: Settings, delivery: Delivery):
         self.settings = settings
@@ -207,7 +210,6 @@ class Spool:
         self._next_flush_check = 0.0
         self._threads: List[threading.Thread] = []
         self._group: Optional[GroupSync] = None
-        delivery.spool = self
 
     # ---- lifecycle ------------------------------------------------------
 
@@ -263,16 +265,32 @@ class Spool:
             oldest = min((e.created for e in self._entries.values()), default=None)
             return len(self._entries), self._bytes, time.time() - oldest if oldest is not None else 0.0
 
-    # ---- the hand-off from delivery -------------------------------------
+    # ---- a new message ---------------------------------------------------
 
-    def settle(self, job: Job, failure: Optional[Reply]) -> Reply:
-        """The client's reply for a message delivery tried while it waited (SPEC 9):
-        queue what is pending, bounce what was refused for good."""
-        env = job.env
+    def deliver(self, env: Envelope, body: bytes) -> Reply:
+        """The session's handler with a spool (SPEC 9): delivery's steps run
+        while the client waits (only the webhook in always mode); what they
+        leave pending is queued, what was refused for good is bounced."""
+        attempt = self.delivery.attempt(env, body, keep_going=True,
+                                        scan_only=self.settings.spool_mode == "always")
+        reply = self._settle(attempt)
+        self.delivery.record(attempt, reply, queued=reply == replies.queued(env.id))
+        return reply
+
+    def close(self) -> None:
+        """Close what delivery holds open (its pooled connections)."""
+        self.delivery.close()
+
+    def _settle(self, attempt: Attempt) -> Reply:
+        """The client's reply for a message its steps were run for once."""
+        job, env = attempt.job, attempt.env
+        first = outcome.client_reply(attempt.failure) if attempt.failure else None
+        if job is None:  # it never got as far as a job: nothing to queue
+            return first or replies.accepted(env.id)
         refused = [p for p in job.pairs if p.state == REFUSED]
         if not job.pending():
             if refused and not any(p.state in (DELIVERED, DISCARDED) for p in job.pairs):
-                return failure  # as without a spool; no bounce
+                return first  # as without a spool; no bounce
             self._bounce(job, refused)
             return replies.accepted(env.id)
         for pair in refused:
@@ -281,7 +299,7 @@ class Spool:
         now = time.time()
         due = now if always else now + self._delay(1)
         if not self._store(job, 0 if always else 1, due, job.error or "spool_mode always"):
-            return failure or replies.SPOOL_FULL
+            return first or replies.SPOOL_FULL
         self._bounce(job, refused)
         return replies.queued(env.id)
 
@@ -305,12 +323,12 @@ class Spool:
         written: List[str] = []
         try:
             if self._group is None:
-                outbox.atomic_write(eml, job.message)
-                outbox.atomic_write(path, state)  # the state file is what makes it queued
+                files.atomic_write(eml, job.message)
+                files.atomic_write(path, state)  # the state file is what makes it queued
                 sync_folder(self.queue_dir)
             else:
-                written.append(outbox.write_temporary(eml, job.message, sync=False))
-                written.append(outbox.write_temporary(path, state, sync=False))
+                written.append(files.write_temporary(eml, job.message, sync=False))
+                written.append(files.write_temporary(path, state, sync=False))
                 self._group.sync()  # both contents are on disk before either name
                 os.replace(written[0], eml)
                 os.replace(written[1], path)
@@ -357,7 +375,7 @@ class Spool:
         for name in sorted(names):
             path = os.path.join(self.queue_dir, name)
             stem, ext = os.path.splitext(name)
-            if name.startswith(outbox.TEMP_PREFIX):
+            if name.startswith(files.TEMP_PREFIX):
                 _unlink(path)
                 log.info("removed a half-written queue file", extra=fields(file=name))
             elif ext == ".eml" and stem + ".json" not in names:
@@ -474,7 +492,7 @@ class Spool:
         results: List[str] = []
         failure = self.delivery.run_steps(job, results, keep_going=True)
         log.info("retry", extra=fields(id=entry.id, attempt=attempts,
-                                       result=str(failure) if failure else "ok",
+                                       result=str(outcome.client_reply(failure)) if failure else "ok",
                                        remote="; ".join(results)))
         created = float(state["created"])
         pending = job.pending()
@@ -492,11 +510,11 @@ class Spool:
             return
         if job.message is not message:
             # The webhook replaced it: what stays queued, or goes to failed/, is what it gave.
-            outbox.atomic_write(eml, job.message)
+            files.atomic_write(eml, job.message)
         if job.pending():
             due = min(time.time() + self._delay(attempts), created + self.settings.queue_lifetime)
             state = _encode(_state(job, created, attempts, due))
-            outbox.atomic_write(path, state)
+            files.atomic_write(path, state)
             sync_folder(self.queue_dir)
             self._bounce(job, fresh)
             with self._cond:
@@ -505,7 +523,7 @@ class Spool:
             self._reschedule(entry, due)
             return
         if any(p.state == REFUSED for p in job.pairs):
-            outbox.atomic_write(path, _encode(_state(job, created, attempts, 0)))
+            files.atomic_write(path, _encode(_state(job, created, attempts, 0)))
             move(self.settings, entry.id, FAILED)
             self._forget(entry)  # first: the bounce may need the room it held
             self._bounce(job, fresh)
@@ -531,7 +549,7 @@ class Spool:
                          [(p.rcpt, p.reply) for p in pairs], job.message)
         bounce = Envelope(id=new_message_id(), peer="127.0.0.1", helo=s.hostname, user=None,
                           tls=None, esmtp=True, mail_from="", rcpts=[env.mail_from], size=len(body))
-        plan = remotes.route(s.remotes, "", bounce.rcpts, s.strict_sender)
+        plan = routing.route(s.remotes, "", bounce.rcpts, s.strict_sender)
         if not plan and s.remotes:
             log.warning("no remote routes the bounce", extra=fields(id=env.id, to=env.mail_from,
                                                                      reason=reason))
@@ -560,7 +578,7 @@ def list_queue(settings: Settings) -> List[str]:
     names = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
     lines, count, total, now = [], 0, 0, time.time()
     for name in names:
-        if not name.endswith(".json") or name.startswith(outbox.TEMP_PREFIX):
+        if not name.endswith(".json") or name.startswith(files.TEMP_PREFIX):
             continue
         path = os.path.join(folder, name)
         try:
@@ -602,7 +620,7 @@ def delete(settings: Settings, target: str) -> Tuple[int, str]:
     folder, failed = _folder(settings, QUEUE), _folder(settings, FAILED)
     if target == "ALL":
         ids = sorted(n[:-len(".json")] for n in os.listdir(folder)
-                     if n.endswith(".json") and not n.startswith(outbox.TEMP_PREFIX))
+                     if n.endswith(".json") and not n.startswith(files.TEMP_PREFIX))
     elif os.path.exists(os.path.join(folder, target + ".json")) and os.path.basename(target) == target:
         ids = [target]
     else:
