@@ -45,7 +45,9 @@ class Failure:
     the webhook or command step stands for), None when it answered nothing
     (a refused connection, a timeout); `detail` says what happened for the
     log and never holds a password; `host` prefixes a remote's refusal
-    passed on to the client; `rcpt` names the one recipient it is about.
+    passed on to the client; `rcpt` names the one recipient it is about;
+    `retry_after` says in how many seconds the remote may have room again
+    (SPEC 13: a queued message is tried then, not after queue_retry_min).
     """
 
     kind: Kind
@@ -55,6 +57,7 @@ class Failure:
     detail: str = ""
     host: str = ""
     rcpt: Optional[str] = None
+    retry_after: Optional[float] = None
 
     @property
     def permanent(self) -> bool:

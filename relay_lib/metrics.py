@@ -64,6 +64,21 @@ class Level:
         return _count_value(self._ups) - downs
 
 
+class Setting:
+    """A number that is set, not counted (a limit): one attribute write."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self):
+        self._value = 0
+
+    def set(self, value: int) -> None:
+        self._value = value
+
+    def value(self) -> int:
+        return self._value
+
+
 class Spread:
     """Observations in cumulative buckets, with their sum and count."""
 
@@ -194,6 +209,9 @@ class Registry:
     def gauge(self, name: str, help_text: str, labelnames: Sequence[str] = ()) -> Family:
         return Family(self, "gauge", name, help_text, labelnames, Level)
 
+    def setting(self, name: str, help_text: str, labelnames: Sequence[str] = ()) -> Family:
+        return Family(self, "gauge", name, help_text, labelnames, Setting)
+
     def histogram(self, name: str, help_text: str, labelnames: Sequence[str],
                   buckets: Sequence[float]) -> Family:
         return Family(self, "histogram", name, help_text, labelnames, lambda: Spread(buckets))
@@ -226,6 +244,24 @@ REMOTE_DELIVERIES = REGISTRY.counter(
     ("remote", "outcome"))
 REMOTE_SECONDS = REGISTRY.histogram(
     "smtprelay_remote_delivery_seconds", "Time of each transaction with an SMTP remote, connecting included.",
+    ("remote",), LATENCY_BUCKETS)
+# Remote limits (SPEC 13), by account: the masked URL of its first remote.
+REMOTE_CONNECTIONS_OPEN = REGISTRY.gauge(
+    "smtprelay_remote_connections_open", "Connections open to each remote account now, idle ones included.",
+    ("remote",))
+REMOTE_WAITING = REGISTRY.gauge(
+    "smtprelay_remote_waiting", "Messages waiting for room at each remote account now.", ("remote",))
+REMOTE_CONNECTION_LIMIT = REGISTRY.setting(
+    "smtprelay_remote_connection_limit", "Current connection limit of each remote account (learned from "
+    "throttle replies).", ("remote",))
+REMOTE_THROTTLES = REGISTRY.counter(
+    "smtprelay_remote_throttles_total", "Throttle replies (421, 432, 4.3.2, 4.4.5) from each remote account.",
+    ("remote",))
+REMOTE_QUOTA_PAUSES = REGISTRY.counter(
+    "smtprelay_remote_quota_pauses_total", "Pauses after a remote account said its sending quota is spent.",
+    ("remote",))
+REMOTE_WAIT_SECONDS = REGISTRY.histogram(
+    "smtprelay_remote_wait_seconds", "Time messages waited for room at each remote account.",
     ("remote",), LATENCY_BUCKETS)
 WEBHOOK_CALLS = REGISTRY.counter(
     "smtprelay_webhook_calls_total", "Webhook calls by verdict (tempfail includes an unreachable scanner).",

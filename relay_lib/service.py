@@ -90,6 +90,7 @@ class Service:
         self._stopping = True
         if self.spool is not None:
             self.spool.stop()  # no new queue attempt; those in progress finish below
+        self.delivery.stop_waiting()
         self.relay.stop(timeout)
         if self.spool is not None:
             self.spool.join(timeout)

@@ -86,13 +86,20 @@ def route(remotes: Tuple[Remote, ...], sender: str, rcpts, strict_sender: bool):
 
 
 # What sending to one member gave: its final reply and the recipients it
-# refused for now while taking the others, or the Failure of the whole.
-Sending = Callable[[Remote, List[str]], Union[Tuple[str, List[str]], Failure]]
+# refused for now while taking the others, or the Failure of the whole. The
+# third argument is room already reserved for it (see `deliver`), or None;
+# the fourth is True for the last member tried, which may wait out a
+# throttle reply where the others pass it on to the next member (SPEC 13).
+Sending = Callable[[Remote, List[str], Optional[object], bool], Union[Tuple[str, List[str]], Failure]]
+# Room at the first member that has it, else at whichever gets it first:
+# (its index, the reservation), or the Failure of a wait that ran out.
+Reserving = Callable[[List[Remote], List[int]], Union[Tuple[int, object], Failure]]
 
 
 def deliver(dest: Destination, rcpts: List[str], send: Sending,
             attempted: Callable[[Remote, Union[Tuple[str, List[str]], Failure]], None],
-            is_down: Callable[[Remote], bool]) -> Optional[Tuple[Remote, Failure]]:
+            is_down: Callable[[Remote], bool],
+            reserve: Optional[Reserving] = None) -> Optional[Tuple[Remote, Failure]]:
     """Hand `rcpts` to a destination; None when no member failed as a whole,
     else the member and the Failure that decide the reply (SPEC 11).
 
@@ -100,8 +107,10 @@ def deliver(dest: Destination, rcpts: List[str], send: Sending,
     the next one only when the outcome policy says the failure fails over.
     Recipients a member refused for now, one by one, stay pending for the
     next member. Members that `is_down` are left out, unless a recipient is
-    admitted by no other member: then all are tried, in order. `attempted`
-    hears each member's outcome, for the log.
+    admitted by no other member: then all are tried, in order. With
+    `reserve`, a member without room is passed over for the first one that
+    has room, or gets it first (SPEC 13). `attempted` hears each member's
+    outcome, for the log.
     """
     members = live = dest.members
     if len(members) > 1:
@@ -109,12 +118,23 @@ def deliver(dest: Destination, rcpts: List[str], send: Sending,
         if len(live) != len(members) and not all(any(m.admits(r) for m in live) for r in rcpts):
             live = members
     pending = list(rcpts)
+    held = None
+    if reserve is not None and len(live) > 1:
+        takers = [m for m in live if any(m.admits(r) for r in pending)]
+        picked = reserve(takers, [sum(1 for r in pending if m.admits(r)) for m in takers])
+        if isinstance(picked, Failure):
+            attempted(takers[0], picked)
+            return takers[0], picked
+        first = takers[picked[0]]
+        live, held = (first,) + tuple(m for m in live if m is not first), picked[1]
     found: Optional[Tuple[Remote, Failure]] = None
-    for remote in live:
+    for index, remote in enumerate(live):
         mine = [r for r in pending if remote.admits(r)]
         if not mine:
             continue
-        result = send(remote, mine)
+        last = not any(m.admits(r) for m in live[index + 1:] for r in mine)
+        result = send(remote, mine, held, last)
+        held = None
         attempted(remote, result)
         if isinstance(result, Failure):
             found = (remote, result)

@@ -31,6 +31,7 @@ from relay_lib.envelope import Envelope
 from relay_lib.failure import Failure
 from relay_lib.logs import fields, log
 from relay_lib.outbound import oauth, outbox
+from relay_lib.outbound.accounts import Accounts, state_file
 from relay_lib.outbound.dispatcher import Dispatcher, Sent
 from relay_lib.replies import Reply, clean_echo
 
@@ -98,6 +99,10 @@ class Delivery:
                 id=env.id, peer=env.peer, user=env.user or "", **{"from": env.mail_from},
                 to=list(env.rcpts), size=env.size, remote="; ".join(attempt.results),
                 result=str(reply), ms=int((time.monotonic() - attempt.started) * 1000)))
+
+    def stop_waiting(self) -> None:
+        """Shutdown: messages waiting for room at a remote stop waiting (SPEC 13)."""
+        self.dispatcher.stop_waiting()
 
     def close(self) -> None:
         """Close the pooled remote connections."""
@@ -195,8 +200,12 @@ class Delivery:
         failures: List[Failure] = []
         current: Dict[str, Pair] = {}
         answered: Set[str] = set()  # recipients a remote refused one by one
+        deadline = self.dispatcher.deadline()  # one wait for room per message (SPEC 13)
 
-        def send(remote: Remote, rcpts: List[str]) -> Union[Tuple[str, List[str]], Failure]:
+        def reserve(members: List[Remote], counts: List[int]):
+            return self.dispatcher.reserve_any(members, counts, deadline)
+
+        def send(remote: Remote, rcpts: List[str], hold, last: bool) -> Union[Tuple[str, List[str]], Failure]:
             if remote.scheme == "file":
                 try:
                     outbox.write_file(remote.path, env.id, self._envelope_json(env, rcpts, message), message)
@@ -204,7 +213,8 @@ class Delivery:
                     return failure.temporary(failure.OUTBOX, remote.masked(), exc.strerror or str(exc))
                 sent = Sent("ok", {})
             else:
-                result = self.dispatcher.send(remote, env.mail_from, rcpts, message, keep_going=keep_going)
+                result = self.dispatcher.send(remote, env.mail_from, rcpts, message, keep_going=keep_going,
+                                              deadline=deadline, hold=hold, patient=last)
                 if isinstance(result, Failure):
                     return result
                 sent = result
@@ -252,7 +262,7 @@ class Delivery:
                 job.error = "%s is no longer configured" % name
                 failures.append(failure.temporary(failure.ROUTE, name, job.error))
                 continue
-            failed = routing.deliver(dest, list(current), send, attempted, self.dispatcher.is_down)
+            failed = routing.deliver(dest, list(current), send, attempted, self.dispatcher.is_down, reserve)
             if failed is None:
                 continue
             remote, found = failed
@@ -283,17 +293,24 @@ class Delivery:
 
 
 def make_dispatcher(settings: Settings) -> Dispatcher:
-    """The remote connection pool, with the OAuth token source when a remote needs one."""
+    """The remote connection pool, with the remotes' limits (SPEC 13) and the
+    OAuth token source when a remote needs one."""
     tokens = None
     if any(r.auth == "xoauth2" for r in settings.remotes):
         tokens = oauth.TokenSource(settings.oauth_token_url, settings.oauth_client_id,
                                    settings.oauth_client_secret, settings.oauth_scope,
                                    settings.oauth_refresh_token, settings.remote_timeout)
+    from collections import namedtuple  # TEMPORARY scaffolding until the config lands
+    _L = namedtuple("_L", "connections rate recipients account")
+    limits_of = getattr(settings, "remote_limits", None) or (
+        lambda r: _L(20, None, None, (r.scheme, r.host.lower(), r.port, r.username or "")))
+    accounts = Accounts(limits_of, getattr(settings, "remote_wait", 30.0),
+                        getattr(settings, "remote_quota_pause", 3600.0), state_file(settings.spool_dir))
     return Dispatcher(
         settings.hostname, settings.remote_timeout,
         client_cert=settings.remote_certificate, client_key=settings.remote_key,
         pool_size=settings.remote_pool_size, pool_idle=settings.remote_pool_idle,
-        failover_skip=settings.failover_skip, tokens=tokens)
+        failover_skip=settings.failover_skip, tokens=tokens, accounts=accounts)
 
 
 def _record(job: Job, pair: Pair, found: Failure) -> None:

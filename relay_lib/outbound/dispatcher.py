@@ -1,10 +1,11 @@
-"""The dispatcher: talking SMTP to a remote (SPEC 5.3, 10, 11).
+"""The dispatcher: talking SMTP to a remote (SPEC 5.3, 10, 11, 13).
 
 Owns the `Dispatcher` (a pool of greeted, secured and authenticated
-connections per remote, each a `smtp_client` connection), AUTH
-PLAIN/LOGIN/XOAUTH2 and the `-test-remotes` probe. Must not choose remotes
-or map failures to client replies: it takes one remote, an envelope and
-bytes, and returns what the remote did (`Sent`) or a `Failure`.
+connections per remote, each a `smtp_client` connection, within the
+remote's limits from `accounts`), AUTH PLAIN/LOGIN/XOAUTH2, the retry after
+a throttle reply and the `-test-remotes` probe. Must not choose remotes or
+map failures to client replies: it takes one remote, an envelope and bytes,
+and returns what the remote did (`Sent`) or a `Failure`.
 """
 
 import re
@@ -19,7 +20,9 @@ from relay_lib import failure, metrics, replies
 from relay_lib.config.remotes import Remote
 from relay_lib.failure import Failure, reply_text
 from relay_lib.files import check_folder
+from relay_lib.limits import Hold
 from relay_lib.netaddr import is_loopback
+from relay_lib.outbound.accounts import THROTTLE_PAUSE, Accounts
 from relay_lib.outbound.smtp_client import KERNEL_TIMEOUTS, Client, ClientTLS, SetupFailed, use_kernel_timeouts
 
 # Strategy: `Dispatcher.send` runs one SMTP transaction on an smtplib
@@ -81,14 +84,15 @@ class _Conn:
     step of the transaction under way, for the Failure if it breaks.
     """
 
-    __slots__ = ("smtp", "pipelining", "last_used", "in_step", "stage")
+    __slots__ = ("smtp", "pipelining", "last_used", "in_step", "stage", "_closed")
 
-    def __init__(self, smtp: smtplib.SMTP):
+    def __init__(self, smtp: smtplib.SMTP, closed=None):
         self.smtp = smtp
         self.pipelining = smtp.has_extn("pipelining")
         self.last_used = time.monotonic()
         self.in_step = True
         self.stage = failure.MAIL
+        self._closed = closed  # told once when the connection closes (the account's open count)
 
     def looks_alive(self) -> bool:
         """True unless the socket is readable, which means EOF or an unsolicited reply."""
@@ -101,8 +105,15 @@ class _Conn:
             return False
         return not readable
 
+    def on_close(self, closed) -> None:
+        """Call `closed()` once, when this connection closes."""
+        self._closed = closed
+
     def close(self, polite: bool = False) -> None:
         _close(self.smtp, polite)
+        closed, self._closed = self._closed, None
+        if closed is not None:
+            closed()
 
 
 def _close(smtp: smtplib.SMTP, polite: bool) -> None:
@@ -133,8 +144,9 @@ class Dispatcher:
 
     def __init__(self, hostname: str, timeout: float, client_cert: Optional[str],
                  client_key: Optional[str], pool_size: int, pool_idle: float,
-                 failover_skip: float, tokens):
+                 failover_skip: float, tokens, accounts: Accounts):
         self.hostname = hostname
+        self.accounts = accounts
         # The OAuth token source of auth=xoauth2 remotes (oauth.TokenSource):
         # get() returns (token, fetched by this call) or raises OSError; drop(token).
         self.tokens = tokens
@@ -156,8 +168,16 @@ class Dispatcher:
         self._reaper: Optional[threading.Thread] = None
 
     def send(self, remote: Remote, sender: str, rcpts: List[str], message: bytes,
-             keep_going: bool = False) -> Union[Sent, Failure]:
+             keep_going: bool = False, deadline: Optional[float] = None,
+             hold: Optional[Hold] = None, patient: bool = True) -> Union[Sent, Failure]:
         """Send one message to `rcpts` through `remote`: what it took, or why not.
+
+        The message first waits for room within the remote's limits until
+        `deadline` (default: remote_wait from now), unless `hold` is room
+        already reserved for it (`reserve_any`). After a throttle reply it
+        waits a pause, doubling each time, and tries again within the same
+        deadline (SPEC 13); unless not `patient` (a failover member with
+        another one after it): then the throttle is the result.
 
         With `keep_going`, a recipient the remote refuses is recorded in
         `Sent.refused` and the others still get the message; when it refuses
@@ -167,6 +187,50 @@ class Dispatcher:
         the wire [R5321 4.5.2]). `remote.sender`, when set, replaces `sender`.
         The outcome and the time it took go to the remote metrics (SPEC 12).
         """
+        if deadline is None:
+            deadline = self.accounts.deadline()
+        pause = THROTTLE_PAUSE
+        while True:
+            if hold is None:
+                room = self.accounts.reserve(remote, len(rcpts), deadline)
+                if isinstance(room, Failure):
+                    return room
+                hold = room
+            try:
+                result = self._counted(remote, sender, rcpts, message, keep_going)
+            finally:
+                hold.release()
+                hold = None
+            if not isinstance(result, Failure):
+                self.accounts.delivered(remote)
+                return result
+            if result.kind is failure.Kind.QUOTA:
+                return self.accounts.quota_spent(remote, result)
+            if result.kind is not failure.Kind.THROTTLE:
+                return result
+            self.accounts.throttled(remote, result)
+            if not patient:
+                return result
+            if time.monotonic() + pause >= deadline or self._stop.wait(pause):
+                return self.accounts.no_room(remote, "throttled: %s" % result.describe())
+            pause *= 2
+
+    def reserve_any(self, remotes: List[Remote], rcpts: List[int],
+                    deadline: float) -> Union[Tuple[int, Hold], Failure]:
+        """Room at the first of a failover group's members that has it, else
+        at whichever gets room first (SPEC 13), or the first member's "no room"."""
+        picked = self.accounts.reserve_any(remotes, rcpts, deadline)
+        if picked is None:
+            return self.accounts.no_room(remotes[0], "every failover member is at its limits")
+        return picked
+
+    def deadline(self) -> float:
+        """When a message that starts waiting for room now gives up (remote_wait)."""
+        return self.accounts.deadline()
+
+    def _counted(self, remote: Remote, sender: str, rcpts: List[str], message: bytes,
+                 keep_going: bool) -> Union[Sent, Failure]:
+        """One try, its outcome and time in the remote metrics (SPEC 12)."""
         started = time.monotonic()
         result = self._send(remote, sender, rcpts, message, {} if keep_going else None)
         worst = result if isinstance(result, Failure) else None
@@ -190,6 +254,7 @@ class Dispatcher:
                 if refused:
                     refused.clear()
         steps: List[str] = []
+        self._make_room(remote)
         try:
             conn = self._open(remote, steps)
         except OSError as exc:  # SetupFailed and every smtplib error are OSErrors
@@ -197,9 +262,27 @@ class Dispatcher:
             if found.kind is not failure.Kind.THROTTLE:
                 self._down[remote] = time.monotonic() + self.failover_skip
             return found
+        self.accounts.opened(remote)
+        conn.on_close(lambda: self.accounts.closed(remote))
         if self._down:
             self._down.pop(remote, None)
         return self._run(remote, conn, sender, rcpts, message, False, refused)
+
+    def _make_room(self, remote: Remote) -> None:
+        """Before a new connection: close idle ones of the same account that
+        would take it past its limit (another remote of the account, or a
+        limit lowered by a throttle reply) (SPEC 13)."""
+        account = self.accounts.of(remote)
+        while account.open >= account.connections.limit:
+            with self._lock:
+                victim = None
+                for other, stack in self._idle.items():
+                    if stack and self.accounts.of(other) is account:
+                        victim = stack.pop(0)
+                        break
+            if victim is None:
+                return
+            victim.close(polite=True)
 
     def _run(self, remote: Remote, conn: _Conn, sender: str, rcpts: List[str], message: bytes,
              reused: bool, refused: Optional[Dict[str, Failure]]) -> Union[Sent, Failure]:
@@ -226,8 +309,15 @@ class Dispatcher:
         self._checkin(remote, conn)
         return Sent(reply, dict(refused or {}))
 
+    def stop_waiting(self) -> None:
+        """Shutdown: every message waiting for room ends as if its wait ran out (SPEC 13)."""
+        self.accounts.close()
+        self._stop.set()  # and a pause after a throttle reply ends too
+
     def close(self) -> None:
-        """Close every idle connection (with QUIT) and stop the idle reaper."""
+        """End every wait for room, close every idle connection (with QUIT)
+        and stop the idle reaper."""
+        self.accounts.close()
         with self._lock:
             self._closed = True
             idle, self._idle = self._idle, {}
@@ -261,6 +351,7 @@ class Dispatcher:
                 return False, "folder: %s" % (exc.strerror or exc)
             return True, "writable folder"
         steps: List[str] = []
+        self._make_room(remote)
         try:
             conn = self._open(remote, steps)
         except OSError as exc:  # SetupFailed and every smtplib error are OSErrors
@@ -379,10 +470,12 @@ class Dispatcher:
 
     def _checkin(self, remote: Remote, conn: _Conn) -> None:
         conn.last_used = time.monotonic()
+        account = self.accounts.of(remote)
         with self._lock:
             keep = not self._closed and self.pool_size > 0
             stack = self._idle.setdefault(remote, []) if keep else []
-            keep = keep and len(stack) < self.pool_size
+            idle = sum(len(s) for r, s in self._idle.items() if self.accounts.of(r) is account)
+            keep = keep and len(stack) < self.pool_size and self.accounts.keeps(remote, idle)
             if keep:
                 stack.append(conn)
                 if self._reaper is None:

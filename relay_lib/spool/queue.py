@@ -27,6 +27,7 @@ from relay_lib.delivery import outcome, routing
 from relay_lib.delivery.jobs import DELIVERED, DISCARDED, PENDING, REFUSED, Job, Pair
 from relay_lib.delivery.steps import Attempt, Delivery
 from relay_lib.envelope import Envelope, new_message_id
+from relay_lib.failure import Failure
 from relay_lib.logs import fields, log
 from relay_lib.replies import Reply
 
@@ -297,7 +298,7 @@ class Spool:
             pair.notified = True  # bounced below, once the message is safe on disk
         always = self.settings.spool_mode == "always"
         now = time.time()
-        due = now if always else now + self._delay(1)
+        due = now if always else now + self._delay(1, attempt.failure)
         if not self._store(job, 0 if always else 1, due, job.error or "spool_mode always"):
             return first or replies.SPOOL_FULL
         self._bounce(job, refused)
@@ -361,8 +362,12 @@ class Spool:
         base = os.path.join(self.queue_dir, message_id)
         return base + ".eml", base + ".json"
 
-    def _delay(self, attempts: int) -> float:
-        """queue_retry_min, doubled for each attempt made, up to queue_retry_max, plus jitter."""
+    def _delay(self, attempts: int, failure: Optional[Failure]) -> float:
+        """queue_retry_min, doubled for each attempt made, up to queue_retry_max, plus
+        jitter; or, when a remote's limits held the message back, the time until
+        it has room (SPEC 13)."""
+        if failure is not None and failure.retry_after is not None:
+            return failure.retry_after
         s = self.settings
         base = min(s.queue_retry_min * 2 ** min(attempts - 1, 64), s.queue_retry_max)
         return base * (1 + random.uniform(0, JITTER))
@@ -512,7 +517,7 @@ class Spool:
             # The webhook replaced it: what stays queued, or goes to failed/, is what it gave.
             files.atomic_write(eml, job.message)
         if job.pending():
-            due = min(time.time() + self._delay(attempts), created + self.settings.queue_lifetime)
+            due = min(time.time() + self._delay(attempts, failure), created + self.settings.queue_lifetime)
             state = _encode(_state(job, created, attempts, due))
             files.atomic_write(path, state)
             sync_folder(self.queue_dir)
