@@ -6,7 +6,7 @@ ifeq ($(OS),Windows_NT)
 PY     := $(VENV)/Scripts/python.exe
 endif
 
-.PHONY: run test check bench exe test-exe clean
+.PHONY: run test lint check bench exe test-exe clean
 
 $(VENV)/.runtime: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -21,8 +21,16 @@ $(VENV)/.dev: requirements.txt requirements-dev.txt $(VENV)/.runtime
 run: $(VENV)/.runtime
 	$(PY) relay.py smtprelay.ini
 
+# In parallel (pytest-xdist) and shuffled (pytest-randomly prints its seed;
+# TEST_ARGS="-p randomly --randomly-seed=N" replays an order, -n0 runs serially).
+TEST_ARGS ?=
 test: $(VENV)/.dev
-	$(PY) -m pytest -q --timeout=120 tests
+	$(PY) -m pytest -q --timeout=120 -n 4 $(TEST_ARGS) tests
+
+# ruff and mypy with the settings in pyproject.toml.
+lint: $(VENV)/.dev
+	$(PY) -m ruff check relay_lib tests bench relay.py
+	$(PY) -m mypy
 
 check: $(VENV)/.runtime
 	$(PY) relay.py -check smtprelay.ini
@@ -63,4 +71,4 @@ exe: $(VENV)/.dev
 # The process-level suites against the frozen binary instead of `python relay.py`.
 test-exe: export SMTPRELAY_TEST_BINARY = $(EXE)
 test-exe: exe
-	$(PY) -m pytest -q --timeout=120 tests/test_cli.py tests/test_e2e.py tests/test_dropin.py
+	$(PY) -m pytest -q --timeout=120 -n 4 tests/test_cli.py tests/test_e2e.py tests/test_dropin.py

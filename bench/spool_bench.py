@@ -17,8 +17,7 @@ import subprocess
 import time
 from typing import Dict, List, NamedTuple
 
-from run import (CONFIGS, SENDER, RECIPIENT, HOST, BenchError, Relay, Sink, find_tool, free_port,
-                 measure, scaled)
+from run import CONFIGS, HOST, RECIPIENT, SENDER, BenchError, Relay, Sink, find_tool, free_port, measure, scaled
 
 OUTAGE = 10.0  # seconds the sink is down at the start of the outage run (scaled by --scale)
 OUTAGE_MESSAGES = 5000

@@ -15,11 +15,11 @@ import threading
 from typing import Dict, List, Optional, Tuple
 
 from relay_lib import __version__
-from relay_lib.ops import build
-from relay_lib.inbound import policy
 from relay_lib.config import sources
 from relay_lib.config.settings import OPTION_NAMES, ConfigError, describe, load, parse_bool
+from relay_lib.inbound import policy
 from relay_lib.logs import fields, log, setup_logging
+from relay_lib.ops import build
 
 BCRYPT_MAX_BYTES = 72  # bcrypt reads no further; bcrypt 5 refuses longer passwords
 ACTIONS = ("check", "version", "hash_password", "help", "h", "queue", "flush")

@@ -8,7 +8,6 @@ files mean.
 import os
 import tempfile
 
-
 TEMP_PREFIX = ".tmp-"  # a file being written; the spool removes these at start-up
 _O_BINARY = getattr(os, "O_BINARY", 0)  # Windows: no newline translation
 

@@ -40,7 +40,7 @@ class WatchedFile:
             with self._lock:
                 if stamp != self._stamp:
                     try:
-                        with open(self.path, "r", encoding="utf-8-sig") as f:
+                        with open(self.path, encoding="utf-8-sig") as f:
                             self.table = self._parse(f.read().splitlines())
                         if self._loaded:
                             log.info("file reloaded", extra=fields(file=self.path, entries=len(self.table)))

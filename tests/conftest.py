@@ -176,7 +176,7 @@ def relay_factory(tmp_path):
     for relay in started:
         relay.stop()
     for relay in started:
-        assert wait_until(lambda: relay.active_sessions == 0), "a connection slot leaked"
+        assert wait_until(lambda relay=relay: relay.active_sessions == 0), "a connection slot leaked"
     def relay_threads():
         return [t.name for t in set(threading.enumerate()) - threads_before
                 if t.is_alive() and ("process_request" in t.name or "serve_forever" in t.name

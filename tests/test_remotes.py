@@ -9,10 +9,10 @@ import threading
 import time
 
 import pytest
-
 from conftest import free_port, make_ca_and_leaf
-from relay_lib.delivery.steps import Delivery, received_header
 from delivery_kit import BODY, deliver_once, envelope, ipv6_loopback_works, settings_for
+
+from relay_lib.delivery.steps import Delivery, received_header
 
 PASSWORD = "s3cr:t@p w"
 PASSWORD_URL = "s3cr%3At%40p%20w"

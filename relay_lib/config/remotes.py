@@ -6,13 +6,11 @@ password). Must not route, talk to a remote or write a file.
 
 import functools
 import re
-import smtplib
 from dataclasses import dataclass, field, fields
-from typing import Callable, Dict, List, Optional, Pattern, Tuple, Union
+from typing import List, Optional, Pattern, Tuple
 from urllib.parse import unquote, urlsplit
 
 from relay_lib.config.goregex import translate
-
 
 DEFAULT_PORTS = {"smtp": 25, "starttls": 587, "tls": 465, "smtps": 465}
 AUTH_METHODS = ("plain", "login", "xoauth2")

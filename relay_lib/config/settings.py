@@ -11,16 +11,16 @@ import os
 import re
 import ssl
 import urllib.parse
-from dataclasses import dataclass, field, fields as dataclass_fields, replace
+from dataclasses import dataclass, field, replace
+from dataclasses import fields as dataclass_fields
 from types import MappingProxyType
 from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Pattern, Tuple
 
-from relay_lib.config import goregex
-from relay_lib.config import sources
+from relay_lib.config import goregex, sources
 from relay_lib.config.command_line import parse_command
+from relay_lib.config.remotes import Remote, parse_remote
 from relay_lib.logs import FORMATS, LEVELS, mask_url
 from relay_lib.netaddr import is_loopback
-from relay_lib.config.remotes import Remote, parse_remote
 
 ENV_PREFIX = "SMTPRELAY_"
 # SMTPRELAY_* variables that are no option: the config file, the ones the
@@ -373,7 +373,7 @@ def read_file(path: str) -> Dict[str, Tuple[str, int]]:
         ConfigError: unreadable file or unknown key.
     """
     try:
-        with open(path, "r", encoding="utf-8-sig", newline=None) as f:
+        with open(path, encoding="utf-8-sig", newline=None) as f:
             text = f.read()
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError("config", "cannot read %s: %s" % (path, getattr(exc, "strerror", None) or exc)) from None

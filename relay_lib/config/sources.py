@@ -92,7 +92,7 @@ def read_dotenv(path: str, prefix: str) -> Dict[str, Tuple[str, int]]:
         OSError, UnicodeDecodeError: unreadable file.
         ValueError: a line without `=` or with an empty key or value, naming the line.
     """
-    with open(path, "r", encoding="utf-8-sig", newline=None) as f:
+    with open(path, encoding="utf-8-sig", newline=None) as f:
         text = f.read()
     values = {}
     for number, line in enumerate(text.splitlines(), 1):

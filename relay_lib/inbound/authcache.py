@@ -35,7 +35,7 @@ class _Lru:
 
     def __init__(self, size: int):
         self.size = size
-        self._items: "OrderedDict[Hashable, object]" = OrderedDict()
+        self._items: OrderedDict[Hashable, object] = OrderedDict()
         self._lock = threading.Lock()
 
     def get(self, key: Hashable):

@@ -8,7 +8,6 @@ decide policy or touch a socket: the session asks, and replies.
 import re
 from typing import List, Tuple
 
-
 # <local@domain> with no quoting, route or odd character, followed by nothing
 # or by a space and parameters: what nearly every client sends.
 _SIMPLE_PATH = re.compile(r'<([^\x00-\x20\x7f<>"\\@:\ufffd]+@[^\x00-\x20\x7f<>"\\@\ufffd]+)>(?= |$)')

@@ -12,12 +12,12 @@ from typing import Dict, List, Optional, Tuple, Union
 import bcrypt
 
 from relay_lib import replies
-from relay_lib.inbound.authcache import AuthGuard
 from relay_lib.config.settings import Settings
 from relay_lib.delivery.aliases import Aliases
 from relay_lib.delivery.routing import route
-from relay_lib.watched import WatchedFile
+from relay_lib.inbound.authcache import AuthGuard
 from relay_lib.replies import Reply
+from relay_lib.watched import WatchedFile
 
 # A real hash of a random password: checked against when the user is unknown,
 # so a wrong user name costs the same time as a wrong password.

@@ -60,7 +60,7 @@ def make_server_context(settings) -> Optional[ssl.SSLContext]:
     Raises:
         ConfigError: missing or unreadable certificate or key.
     """
-    if not any(l.scheme in ("tls", "starttls") for l in settings.listen):
+    if not any(listener.scheme in ("tls", "starttls") for listener in settings.listen):
         return None
     if not settings.local_cert or not settings.local_key:
         raise ConfigError("local_cert", "tls:// and starttls:// listeners need local_cert and local_key")
@@ -127,7 +127,7 @@ class _Workers:
 
     def __init__(self):
         self._lock = threading.Lock()
-        self._jobs: "queue.SimpleQueue" = queue.SimpleQueue()
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
         self._idle = 0
         self._closed = False
 

@@ -26,9 +26,9 @@ from relay_lib.envelope import Envelope, new_message_id
 from relay_lib.inbound import policy
 from relay_lib.inbound.authcache import PENALTY_REPLY_DELAY
 from relay_lib.inbound.mailpath import parse_path
+from relay_lib.inbound.wire import Closed, LineTooLong, NoTLS, Timeout, Wire, WireError
 from relay_lib.logs import TRACE, fields, session_logger
 from relay_lib.replies import Reply, SmtpError, clean_echo
-from relay_lib.inbound.wire import Closed, LineTooLong, NoTLS, Timeout, Wire, WireError
 
 MAX_ERRORS = 20  # SPEC 3.2: failed commands before 421
 MAX_AUTH_FAILURES = 3  # SPEC 3.2: failed AUTH attempts before 421

@@ -17,7 +17,7 @@ _HEX = re.compile(r"[0-9a-f]{40}([0-9a-f]{24})?")
 
 def _read(path: str) -> Optional[str]:
     try:
-        with open(path, "r", encoding="utf-8") as f:
+        with open(path, encoding="utf-8") as f:
             return f.read().strip()
     except (OSError, UnicodeDecodeError):
         return None

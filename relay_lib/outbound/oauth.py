@@ -20,7 +20,7 @@ from typing import Dict, Optional, Tuple
 from relay_lib import metrics
 from relay_lib.config.settings import DEFAULT_SCOPE
 from relay_lib.deadline import Deadline
-from relay_lib.logs import fields, log, mask_url
+from relay_lib.logs import fields, log
 from relay_lib.netaddr import is_loopback
 
 RENEW_BEFORE = 300.0  # SPEC 10: renew 5 minutes before expires_in ...

@@ -19,9 +19,7 @@ import time
 from datetime import datetime, timezone
 from typing import Dict, List, Optional, Tuple
 
-from relay_lib import metrics, replies
-from relay_lib.spool import dsn
-from relay_lib import files
+from relay_lib import files, metrics, replies
 from relay_lib.config.settings import ConfigError, Settings
 from relay_lib.delivery import outcome, routing
 from relay_lib.delivery.jobs import DELIVERED, DISCARDED, PENDING, REFUSED, Job, Pair
@@ -30,6 +28,7 @@ from relay_lib.envelope import Envelope, new_message_id
 from relay_lib.failure import Failure
 from relay_lib.logs import fields, log
 from relay_lib.replies import Reply
+from relay_lib.spool import dsn
 
 QUEUE, FAILED, CORRUPT = "queue", "failed", "corrupt"
 FLUSH_FILE = "flush"  # -flush creates it; the running relay checks for it every second
