@@ -11,7 +11,7 @@ import socket
 import ssl
 import threading
 import urllib.request
-from typing import Optional
+from typing import List, Optional
 
 
 class Deadline:
@@ -26,7 +26,7 @@ class Deadline:
     def __init__(self, seconds: float):
         self.fired = False
         self.expired = False
-        self._sockets = []
+        self._sockets: List[socket.socket] = []
         self._lock = threading.Lock()
         self._timer = threading.Timer(seconds, self.fire)
         self._timer.daemon = True

@@ -15,7 +15,7 @@ own lock (`Keyed` has one).
 import math
 import threading
 import time
-from typing import Callable, Dict, Hashable, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Hashable, List, NamedTuple, Optional, Sequence, Tuple
 
 UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 MAX_WAIT = 1.0  # seconds of one wait on the condition: a missed wake-up costs at most this
@@ -24,7 +24,7 @@ MAX_WAIT = 1.0  # seconds of one wait on the condition: a missed wake-up costs a
 class Rate(NamedTuple):
     """N per UNIT: up to `count` at once, then `count` per `per` seconds on average."""
 
-    count: int
+    count: int  # type: ignore[assignment]  # the field shadows tuple.count, on purpose
     per: float
     text: str
 
@@ -156,7 +156,7 @@ class Pause:
         return self.room()
 
 
-Want = Sequence[Tuple[object, int]]  # (limit, amount) pairs, taken all at once
+Want = Sequence[Tuple[Any, int]]  # (limit, amount) pairs, taken all at once
 
 
 class Hold:
@@ -278,9 +278,9 @@ class Keyed:
     """Limits made on first use per key (a client, an account); `prune` drops
     the ones that are as good as new, so the set stays bounded."""
 
-    def __init__(self, factory: Callable[[], object]):
+    def __init__(self, factory: Callable[[], Any]):
         self._factory = factory
-        self._limits: Dict[Hashable, object] = {}
+        self._limits: Dict[Hashable, Any] = {}
         self.lock = threading.Lock()
 
     def get(self, key: Hashable):

@@ -10,8 +10,14 @@ import ipaddress
 import os
 import selectors
 import socket
+import socketserver
 import threading
-from typing import Tuple
+from typing import TYPE_CHECKING, Tuple
+
+if TYPE_CHECKING:  # what ListenSocket is mixed into, for the type checker only
+    _Server = socketserver.TCPServer
+else:
+    _Server = object
 
 
 class ListenError(OSError):
@@ -38,7 +44,7 @@ def _address(host: str, port: int) -> Tuple[int, tuple, bool]:
         return info[0][0], info[0][4][:2], False
 
 
-class ListenSocket:
+class ListenSocket(_Server):
     """Mixed in before a socketserver server class; `listener` has `host` and `port`.
 
     `serve()` replaces `serve_forever()`: socketserver's loop polls for its
@@ -78,7 +84,7 @@ class ListenSocket:
                 while not self._stopping.is_set():
                     for key, _ in selector.select():
                         if key.fileobj is self and not self._stopping.is_set():
-                            self._handle_request_noblock()
+                            self._handle_request_noblock()  # type: ignore[attr-defined]  # private in typeshed, public in use
                     self.service_actions()
         finally:
             self._stopped.set()

@@ -227,6 +227,7 @@ def make_formatter(fmt: str, stream) -> logging.Formatter:
 
 def setup_logging(path: Optional[str], fmt: str, level: str) -> None:
     """Send the relay's log to `path` (rotated) or stderr, in format `fmt`."""
+    handler: logging.StreamHandler
     if path:
         # backslashreplace: bytes a client sent that are not UTF-8 (a user
         # name, say) are written escaped instead of losing the line.

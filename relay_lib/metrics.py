@@ -16,7 +16,7 @@ import itertools
 import math
 import re
 import threading
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from relay_lib.logs import log
 
@@ -136,7 +136,7 @@ class Family:
         self.kind, self.name, self.help = kind, name, help_text
         self.labelnames = tuple(labelnames)
         self._new_child = new_child
-        self._children: Dict[Tuple[str, ...], object] = {}
+        self._children: Dict[Tuple[str, ...], Any] = {}
         self._lock = threading.Lock()
         registry.add(self)
 

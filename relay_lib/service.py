@@ -50,7 +50,10 @@ class Service:
     @property
     def metrics_address(self) -> Optional[Tuple[str, int]]:
         """(host, port) that serves /metrics, or None without metrics_listen."""
-        return self._metrics.server_address[:2] if self._metrics is not None else None
+        if self._metrics is None:
+            return None
+        host, port = self._metrics.server_address[:2]
+        return str(host), port
 
     def healthy(self) -> bool:
         """/healthz (SPEC 12): listening, and not shutting down."""

@@ -7,6 +7,7 @@ anything else in the message.
 import re
 from datetime import datetime
 from email.utils import format_datetime
+from typing import Optional, Tuple
 
 from relay_lib.config.settings import Settings
 from relay_lib.envelope import Envelope
@@ -18,7 +19,7 @@ def _printable_helo(helo: str) -> str:
     return _NOT_IN_HELO.sub("", helo) or "unknown"
 
 
-_last_date = (None, "")  # (whole second, its RFC 5322 text): one format per second
+_last_date: Tuple[Optional[datetime], str] = (None, "")  # (whole second, its RFC 5322 text): one format per second
 
 
 def _rfc5322_date(moment: datetime) -> str:

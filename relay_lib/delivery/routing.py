@@ -47,7 +47,7 @@ def destinations(remotes: Tuple[Remote, ...]) -> Tuple[Destination, ...]:
     if cached[0] is remotes:
         return cached[1]
     groups: Dict[str, List[Remote]] = {}
-    order: List[object] = []
+    order: List[Union[Remote, str]] = []
     for remote in remotes:
         if remote.failover is None:
             order.append(remote)

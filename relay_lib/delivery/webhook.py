@@ -16,7 +16,7 @@ import ssl
 import urllib.error
 import urllib.parse
 import urllib.request
-from typing import Any, Dict, NamedTuple, Optional
+from typing import Any, Dict, List, NamedTuple, Optional
 
 from relay_lib.deadline import Deadline
 from relay_lib.netaddr import is_loopback
@@ -63,7 +63,7 @@ def scan(url: str, payload: Dict[str, Any], secret: Optional[str], timeout: floa
     if secret:
         headers["X-Smtprelay-Signature"] = signature(secret, body)
     deadline = Deadline(timeout)
-    handlers = [_NoRedirect()]
+    handlers: List[urllib.request.BaseHandler] = [_NoRedirect()]
     if is_loopback(urllib.parse.urlsplit(url).hostname or ""):
         # A scanner on this machine is never reached through the http_proxy
         # an administrator set for the outside world.

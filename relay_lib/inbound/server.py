@@ -217,6 +217,8 @@ class RelayServer(ListenSocket, socketserver.ThreadingTCPServer):
 
 
 class _Handler(socketserver.BaseRequestHandler):
+    server: "RelayServer"
+
     def handle(self) -> None:
         peer = self.client_address[0]
         if self.server.address_family != socket.AF_INET:
@@ -274,7 +276,7 @@ class Relay:
                     raise ListenError(str(listener), exc) from None
                 self._servers.append(server)
                 host, port = server.server_address[:2]
-                self.addresses.append((listener.scheme, host, port))
+                self.addresses.append((listener.scheme, str(host), port))
         except BaseException:
             for server in self._servers:
                 server.server_close()
@@ -370,8 +372,9 @@ class Relay:
         if found is proxy.LOCAL:
             log.debug("PROXY header without a client address", extra=fields(peer=ip))
             return ip
-        client = str(policy.peer_address(found[0]))
-        rebind_session(port=found[1])  # every later line names the client's port, not the proxy's
+        address, port = found  # type: ignore[misc]  # not LOCAL: (address, port)
+        client = str(policy.peer_address(address))
+        rebind_session(port=port)  # every later line names the client's port, not the proxy's
         log.debug("PROXY header", extra=fields(peer=client, proxy=ip))
         return client
 

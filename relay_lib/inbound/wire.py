@@ -19,7 +19,7 @@ import ssl
 import struct
 import sys
 import time
-from typing import Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 from relay_lib.inbound import proxy
 from relay_lib.replies import Reply
@@ -93,7 +93,7 @@ class Wire:
         self.write_timeout = write_timeout
         self.data_timeout = data_timeout
         self._buf = bytearray()
-        self._out = []
+        self._out: List[bytes] = []
         self._held = 0  # octets in _out
         self._interrupted = False
         # settimeout() is a system call (an ioctl) and the read and write
@@ -101,7 +101,7 @@ class Wire:
         self._timeout: Optional[float] = sock.gettimeout()
         # See KERNEL_TIMEOUTS; the kernel timeouts last set, by option.
         self._kernel_timeouts = KERNEL_TIMEOUTS and not isinstance(sock, ssl.SSLSocket)
-        self._kernel_limits = {}
+        self._kernel_limits: Dict[int, float] = {}
         if self._kernel_timeouts and self._timeout is not None:
             sock.settimeout(None)
             self._timeout = None

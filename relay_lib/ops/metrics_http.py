@@ -8,7 +8,6 @@ anything: it renders `metrics.REGISTRY` and asks its caller whether the relay
 is healthy. The service wiring starts and stops it.
 """
 
-import socket
 import socketserver
 import threading
 from http import HTTPStatus
@@ -29,6 +28,7 @@ LOGGED_REQUEST = 200  # characters of a request line kept in the debug log
 
 
 class _Handler(BaseHTTPRequestHandler):
+    server: "MetricsHTTPServer"
     timeout = SOCKET_TIMEOUT
     server_version = "smtprelay"
     sys_version = ""
@@ -84,7 +84,7 @@ class MetricsHTTPServer(ListenSocket, ThreadingHTTPServer):
         # can wait on a slow DNS at start-up for a name nothing here uses.
         socketserver.TCPServer.server_bind(self)
 
-    def process_request(self, request: socket.socket, client_address) -> None:
+    def process_request(self, request, client_address) -> None:
         if not self._requests.acquire(blocking=False):
             self.shutdown_request(request)
             return
@@ -94,7 +94,7 @@ class MetricsHTTPServer(ListenSocket, ThreadingHTTPServer):
             self._requests.release()  # no thread will run to release it
             raise
 
-    def process_request_thread(self, request: socket.socket, client_address) -> None:
+    def process_request_thread(self, request, client_address) -> None:
         deadline = Deadline(REQUEST_DEADLINE)
         deadline.watch(request)
         deadline.start()

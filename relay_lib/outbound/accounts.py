@@ -21,7 +21,7 @@ import os
 import threading
 import time
 from dataclasses import replace
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 from relay_lib import failure, files, metrics, replies
 from relay_lib.config.remotes import Remote
@@ -110,7 +110,7 @@ class Accounts:
     and `delivered` hear what the remote then said.
     """
 
-    def __init__(self, limits_of: Callable[[Remote], object], wait: float, quota_pause: float,
+    def __init__(self, limits_of: Callable[[Remote], Any], wait: float, quota_pause: float,
                  state_path: Optional[str], clock: Callable[[], float] = time.monotonic):
         self._limits_of = limits_of
         self.wait = wait

@@ -59,7 +59,7 @@ class Sent(NamedTuple):
 class _TokenRefused(SetupFailed):
     """AUTH XOAUTH2 got 535 with a cached token: it may have been revoked (SPEC 10)."""
 
-    def __init__(self, token, text: str, code: int, raw: bytes):
+    def __init__(self, token, text: str, code: int, raw: Union[bytes, str]):
         super().__init__(text, code, raw)
         self.token = token
 
@@ -234,7 +234,7 @@ class Dispatcher:
         started = time.monotonic()
         result = self._send(remote, sender, rcpts, message, {} if keep_going else None)
         worst = result if isinstance(result, Failure) else None
-        if worst is None and result.reply is None:
+        if isinstance(result, Sent) and result.reply is None:
             worst = next(iter(result.refused.values()))
         _count(remote, "delivered" if worst is None else "rejected" if worst.permanent else "tempfailed",
                started)
@@ -397,6 +397,7 @@ class Dispatcher:
             steps.append("token")
             token, fetched = self._token()
         steps.append("TLS connect" if remote.implicit_tls else "connect")
+        smtp: smtplib.SMTP
         try:
             if remote.implicit_tls:
                 smtp = ClientTLS(remote.host, remote.port, local_hostname=self.hostname,
@@ -490,7 +491,7 @@ class Dispatcher:
         period = max(self.pool_idle / 2, 0.05)
         while not self._stop.wait(period):
             limit = time.monotonic() - self.pool_idle
-            expired = []
+            expired: List[_Conn] = []
             with self._lock:
                 for stack in self._idle.values():
                     keep = [c for c in stack if c.last_used >= limit and c.looks_alive()]
@@ -586,7 +587,7 @@ def _transaction(remote: Remote, conn: _Conn, sender: str, rcpts: List[str], mes
             raise _Refused(failure.Failure(failure.Kind.PERMANENT, failure.MAIL, remote.masked(),
                                            replies.REMOTE_NO_SMTPUTF8, host=remote.host))
         options.append(b" SMTPUTF8")
-    steps = [(failure.MAIL, b"MAIL FROM:" + _address(sender) + b"".join(options) + b"\r\n", None)]
+    steps: List[Tuple[str, bytes, Optional[str]]] = [(failure.MAIL, b"MAIL FROM:" + _address(sender) + b"".join(options) + b"\r\n", None)]
     steps.extend((failure.RCPT, b"RCPT TO:" + _address(r) + b"\r\n", r) for r in rcpts)
     steps.append((failure.DATA, b"DATA\r\n", None))
     conn.in_step = False

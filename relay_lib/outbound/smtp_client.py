@@ -14,7 +14,7 @@ import ssl
 import struct
 import sys
 import time
-from typing import Tuple
+from typing import Tuple, Union
 
 # Plain connections on Linux: kernel send/receive timeouts, as in wire.py.
 KERNEL_TIMEOUTS = sys.platform.startswith("linux")
@@ -37,7 +37,7 @@ class SetupFailed(smtplib.SMTPException):
     dispatcher turns it into a Failure (SPEC 4.1: never a bounce).
     """
 
-    def __init__(self, detail: str, code: int = 0, raw: bytes = b""):
+    def __init__(self, detail: str, code: int = 0, raw: Union[bytes, str] = b""):
         super().__init__(detail)
         self.code, self.raw = code, raw
 

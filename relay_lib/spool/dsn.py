@@ -58,7 +58,7 @@ def build(hostname: str, sender: str, message_id: str, arrived: datetime,
         block["Diagnostic-Code"] = "smtp; %s" % reply
         blocks.append(block)
     status = MIMEBase("message", "delivery-status")
-    status.set_payload(blocks)
+    status.set_payload(blocks)  # type: ignore[arg-type]  # a list of header blocks, as RFC 3464 wants
     report.attach(status)
 
     headers = original.split(b"\r\n\r\n", 1)[0].decode("utf-8", "replace") + "\r\n"

@@ -517,13 +517,13 @@ class Spool:
             files.atomic_write(eml, job.message)
         if job.pending():
             due = min(time.time() + self._delay(attempts, failure), created + self.settings.queue_lifetime)
-            state = _encode(_state(job, created, attempts, due))
-            files.atomic_write(path, state)
+            encoded = _encode(_state(job, created, attempts, due))
+            files.atomic_write(path, encoded)
             sync_folder(self.queue_dir)
             self._bounce(job, fresh)
             with self._cond:
-                self._bytes += len(job.message) + len(state) - entry.size
-                entry.size = len(job.message) + len(state)
+                self._bytes += len(job.message) + len(encoded) - entry.size
+                entry.size = len(job.message) + len(encoded)
             self._reschedule(entry, due)
             return
         if any(p.state == REFUSED for p in job.pairs):
