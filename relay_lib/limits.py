@@ -281,7 +281,7 @@ class Keyed:
     def __init__(self, factory: Callable[[], Any]):
         self._factory = factory
         self._limits: Dict[Hashable, Any] = {}
-        self.lock = threading.Lock()
+        self.lock = threading.RLock()  # held around a get() by callers that then use the limit
 
     def get(self, key: Hashable):
         limit = self._limits.get(key)

@@ -263,6 +263,9 @@ REMOTE_QUOTA_PAUSES = REGISTRY.counter(
 REMOTE_WAIT_SECONDS = REGISTRY.histogram(
     "smtprelay_remote_wait_seconds", "Time messages waited for room at each remote account.",
     ("remote",), LATENCY_BUCKETS)
+CLIENT_REFUSALS = REGISTRY.counter(
+    "smtprelay_client_limit_refusals_total", "Sessions, MAIL and RCPT refused by a client limit (SPEC 14), by limit.",
+    ("limit",))
 WEBHOOK_CALLS = REGISTRY.counter(
     "smtprelay_webhook_calls_total", "Webhook calls by verdict (tempfail includes an unreachable scanner).",
     ("outcome",))
@@ -276,8 +279,10 @@ REFUSAL_REASONS = ("not_allowed", "too_many", "shutting_down", "tls_handshake", 
 MESSAGE_RESULTS = ("delivered", "queued", "rejected", "tempfailed")
 WEBHOOK_OUTCOMES = ("accept", "replace", "reject", "discard", "tempfail")
 OAUTH_OUTCOMES = ("ok", "failed")
+CLIENT_LIMITS = ("connections", "messages", "recipients")
 for _family, _values in ((CONNECTIONS_REFUSED, REFUSAL_REASONS), (MESSAGES, MESSAGE_RESULTS),
-                         (WEBHOOK_CALLS, WEBHOOK_OUTCOMES), (OAUTH_FETCHES, OAUTH_OUTCOMES)):
+                         (WEBHOOK_CALLS, WEBHOOK_OUTCOMES), (OAUTH_FETCHES, OAUTH_OUTCOMES),
+                         (CLIENT_REFUSALS, CLIENT_LIMITS)):
     for _value in _values:
         _family.labels(_value)
 del _family, _values, _value

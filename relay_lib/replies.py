@@ -187,6 +187,21 @@ def quota_spent(host: str, text: str) -> Reply:
     return Reply(451, "4.4.5", clean_echo("%s: %s" % (host, text)).rstrip())
 
 
+def is_success(reply: Reply) -> bool:
+    """A 2xx or 3xx: the command or the message was taken."""
+    return reply.code < 400
+
+
 def is_refusal(reply: Reply) -> bool:
     """A reply to a command that the session logs as a refusal: 5xx, or 452 (too many)."""
     return reply.code >= 500 or reply.code == 452
+
+
+# Client limits (SPEC 14)
+def too_many_client_connections(address: str) -> Reply:
+    return Reply(421, "4.7.0", "Too many connections from %s" % address)
+
+
+def client_rate_spent(what: str, option: str, rate: str) -> Reply:
+    """MAIL or RCPT past a client's rate: try again later."""
+    return Reply(450, "4.7.1", "Too many %s from you (%s %s), try again later" % (what, option, rate))

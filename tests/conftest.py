@@ -145,6 +145,22 @@ def write_ini(path, options):
             f.write("%s = %s\n" % (key, value))
 
 
+@pytest.fixture(autouse=True)
+def _relay_logger_restored():
+    """Every test starts with the relay's logger as the last one found it:
+    setup_logging() (run by the CLI tests) replaces its handlers, level and
+    propagation, which would hide later tests' records from caplog."""
+    logger = logs.log
+    saved = (list(logger.handlers), logger.level, logger.propagate)
+    yield
+    added = [h for h in logger.handlers if h not in saved[0]]
+    logger.handlers[:] = saved[0]
+    logger.setLevel(saved[1])
+    logger.propagate = saved[2]
+    for handler in added:
+        handler.close()
+
+
 @pytest.fixture
 def relay_factory(tmp_path):
     """Start real relays from ini options (strings); each is stopped at teardown.

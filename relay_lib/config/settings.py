@@ -19,6 +19,7 @@ from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Pat
 from relay_lib.config import goregex, sources
 from relay_lib.config.command_line import parse_command
 from relay_lib.config.remotes import Remote, parse_remote
+from relay_lib.limits import Rate, parse_rate
 from relay_lib.logs import FORMATS, LEVELS, mask_url
 from relay_lib.netaddr import is_loopback
 
@@ -234,6 +235,11 @@ def _optional(text: str) -> Optional[str]:
     return text or None
 
 
+def parse_optional_rate(text: str) -> Optional[Rate]:
+    """N/UNIT (SPEC 13), or None (no limit) when empty."""
+    return parse_rate(text) if text else None
+
+
 def parse_webhook_url(text: str) -> Optional[str]:
     if text and not re.match(r"https?://[^/\s]", text, re.IGNORECASE):
         raise ValueError("%s is not an http:// or https:// URL" % mask_url(text))
@@ -302,6 +308,13 @@ OPTIONS: Tuple[Option, ...] = (
     Option("queue_lifetime", "120h", _timeout(0.001), "after this age a queued message is bounced and moved to failed/"),
     Option("spool_max_size", "1073741824", _integer(0), "bytes the queue may hold"),
     Option("bounce", "true", parse_bool, "send a delivery status notification when a queued message fails for good"),
+    Option("client_max_connections", "0", _integer(0),
+           "sessions one client address may hold at once; 0 is no limit"),
+    Option("client_message_rate", "", parse_optional_rate,
+           "messages one client may send: N at once, then N per UNIT (s, m, h, d), like 10/m; empty is none"),
+    Option("client_recipient_rate", "", parse_optional_rate,
+           "recipients one client may send to, N/UNIT like 500/h; empty is none"),
+    Option("client_limits_exempt", "", parse_nets, "networks (CIDR) that no client limit applies to"),
 )
 OPTION_NAMES = {o.name: o for o in OPTIONS}
 
@@ -358,6 +371,10 @@ class Settings:
     queue_lifetime: float
     spool_max_size: int
     bounce: bool
+    client_max_connections: int
+    client_message_rate: Optional[Rate]
+    client_recipient_rate: Optional[Rate]
+    client_limits_exempt: tuple
     config_path: Optional[str] = None
     base_dir: str = "."
     raw: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)

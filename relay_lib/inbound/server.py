@@ -28,6 +28,7 @@ from relay_lib import metrics, replies
 from relay_lib.config.settings import ConfigError, Listener
 from relay_lib.delivery.aliases import Aliases
 from relay_lib.inbound import policy, proxy
+from relay_lib.inbound.client_limits import ClientLimits
 from relay_lib.inbound.session import Handler, Session
 from relay_lib.inbound.wire import NoTLS, Wire, WireError
 from relay_lib.listen import ListenError, ListenSocket
@@ -241,6 +242,7 @@ class Relay:
         self.users = (policy.Users(settings.allowed_users, settings.auth_cache_ttl, settings.read_timeout)
                       if settings.allowed_users else None)
         self.aliases = aliases  # delivery's table: RCPT routing and delivery agree
+        self.client_limits = ClientLimits(settings)
         self.tls_context: Optional[ssl.SSLContext] = None
         self.addresses: List[Tuple[str, str, int]] = []
         self._servers: List[RelayServer] = []
@@ -433,7 +435,6 @@ class Relay:
             self._serve_session(sock, ip, listener)
 
     def _serve_session(self, sock: socket.socket, ip: str, listener: Listener) -> None:
-        settings = self.settings
         wire = self._wire(sock)
         if self._proxied(ip):
             ip = self._proxy_client(wire, ip)
@@ -443,6 +444,16 @@ class Relay:
             if refusal is not None:
                 self._send_refusal(wire, listener.scheme == "tls", ip, refusal)
                 return
+        refusal = self.client_limits.connect(ip)  # the client's own address, past any PROXY header
+        if refusal is not None:
+            self._send_refusal(wire, listener.scheme == "tls", ip, refusal)
+            return
+        try:
+            self._secure_and_run(wire, ip, listener)
+        finally:
+            self.client_limits.disconnect(ip)
+
+    def _secure_and_run(self, wire: Wire, ip: str, listener: Listener) -> None:
         if listener.scheme == "tls":
             try:
                 wire.start_tls(self.tls_context)
@@ -454,7 +465,8 @@ class Relay:
                 metrics.CONNECTIONS_REFUSED.labels("tls_handshake").inc()
                 log.warning("tls handshake failed", extra=fields(peer=ip, reason=str(exc)))
                 return
-        session = Session(settings, wire, ip, self.handler, users=self.users, aliases=self.aliases,
+        session = Session(self.settings, wire, ip, self.handler, users=self.users, aliases=self.aliases,
+                          client_limits=self.client_limits,
                           starttls_context=self.tls_context if listener.scheme == "starttls" else None,
                           implicit_tls=listener.scheme == "tls")
         with self._lock:

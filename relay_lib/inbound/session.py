@@ -25,6 +25,7 @@ from relay_lib.delivery.aliases import Aliases
 from relay_lib.envelope import Envelope, new_message_id
 from relay_lib.inbound import policy
 from relay_lib.inbound.authcache import PENALTY_REPLY_DELAY
+from relay_lib.inbound.client_limits import ClientLimits
 from relay_lib.inbound.mailpath import parse_path
 from relay_lib.inbound.wire import Closed, LineTooLong, NoTLS, Timeout, Wire, WireError
 from relay_lib.logs import TRACE, fields, session_logger
@@ -126,6 +127,7 @@ class Session:
     def __init__(self, settings, wire: Wire, peer: str, handler: Handler,
                  users: Optional[policy.Users] = None,
                  aliases: Optional[Aliases] = None,
+                 client_limits: Optional[ClientLimits] = None,
                  starttls_context=None, implicit_tls: bool = False):
         self.settings = settings
         self.wire = wire
@@ -133,6 +135,7 @@ class Session:
         self.handler = handler
         self.users = users
         self.aliases = aliases if aliases is not None else Aliases(None)
+        self.client_limits = client_limits if client_limits is not None else ClientLimits(settings)
         # Set only on starttls:// listeners: STARTTLS is offered with it.
         self.starttls_context = starttls_context
         self.log = session_logger(peer=peer)
@@ -500,6 +503,10 @@ class Session:
         if refusal is not None:
             self._fail(refusal, sender=clean_echo(addr), user=self.user or "")
             return
+        refusal = self.client_limits.check_message(self.client, self.peer)
+        if refusal is not None:
+            self._fail(refusal)  # the limit warns once a minute, not per refusal (SPEC 14)
+            return
         self.envelope = Envelope(id=new_message_id(), peer=self.peer, helo=self.helo,
                                  user=self.user, tls=self.tls, esmtp=self.esmtp,
                                  mail_from=addr)
@@ -528,6 +535,10 @@ class Session:
         if refusal is not None:
             self._fail(refusal, rcpt=clean_echo(addr))
             return
+        refusal = self.client_limits.check_recipients(self.client, self.peer, len(self.envelope.rcpts) + 1)
+        if refusal is not None:
+            self._fail(refusal)
+            return
         self.envelope.rcpts.append(addr)
         self._enter(Phase.RCPT)
         self._reply(replies.RECIPIENT_OK)
@@ -553,7 +564,15 @@ class Session:
             self._fail(replies.TOO_BIG)
             return
         envelope.received_at = datetime.now(timezone.utc)
-        self._reply(self.handler.deliver(envelope, body))
+        reply = self.handler.deliver(envelope, body)
+        if replies.is_success(reply):
+            self.client_limits.accepted(self.client, self.peer, len(envelope.rcpts))
+        self._reply(reply)
+
+    @property
+    def client(self) -> str:
+        """Whom the client limits count (SPEC 14): the AUTH user, else the address."""
+        return self.user if self.user is not None else self.peer
 
     def smtp_RSET(self, arg: str) -> None:
         self._enter(Phase.READY if self.phase is not Phase.CONNECTED else Phase.CONNECTED)
