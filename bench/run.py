@@ -59,6 +59,7 @@ CONFIGS = [
 
 AUTH_ROWS = len(CONFIGS) + 1  # --only number of the AUTH rows (bench/auth_bench.py)
 SPOOL_ROWS = (AUTH_ROWS + 1, AUTH_ROWS + 2)  # --only numbers of the spool rows (bench/spool_bench.py)
+LIMITS_ROW = SPOOL_ROWS[1] + 1  # --only number of the remote-limits row (bench/limits_bench.py)
 
 
 class BenchError(Exception):
@@ -439,9 +440,10 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=3, help="rounds per configuration (median is reported)")
     parser.add_argument("--scale", type=float, default=1.0, help="multiply the message counts (0.1 = quick try)")
-    parser.add_argument("--only", type=int, action="append", choices=range(1, SPOOL_ROWS[1] + 1),
+    parser.add_argument("--only", type=int, action="append", choices=range(1, LIMITS_ROW + 1),
                         help="run only this configuration (1-%d; %d = the AUTH rows, %d and %d the "
-                        "spool's); repeatable" % (len(CONFIGS), AUTH_ROWS, SPOOL_ROWS[0], SPOOL_ROWS[1]))
+                        "spool's, %d the remote limits'); repeatable" % (
+                            len(CONFIGS), AUTH_ROWS, SPOOL_ROWS[0], SPOOL_ROWS[1], LIMITS_ROW))
     parser.add_argument("--no-idle", action="store_true", help="skip the idle sessions check")
     parser.add_argument("--set", action="append", default=[], metavar="OPTION=VALUE",
                         help="extra relay option for bench.ini, e.g. --set remote_pool_size=20")
@@ -466,8 +468,11 @@ def main(argv: List[str]) -> int:
     idle = None
     auth = None
     spool = (None, None)
+    limits = None
     try:
-        sink = Sink(workdir)
+        # The limits row has an upstream of its own; every other row and the idle check use the sink.
+        if not args.only or set(args.only) != {LIMITS_ROW} or not args.no_idle:
+            sink = Sink(workdir)
         for folder in (args.profile, args.cprofile):
             if folder:
                 os.makedirs(folder, exist_ok=True)
@@ -484,12 +489,17 @@ def main(argv: List[str]) -> int:
                 workdir, args.scale, args.runs)
         if not args.direct_only:
             spool = spool_rows(args, sink, workdir, extra)
+        if (not args.only or LIMITS_ROW in args.only) and not args.direct_only:
+            print("Remote limits: %d clients x %d messages into a %d-connection upstream" % (
+                limits_bench.CLIENTS, limits_bench.PER_CLIENT, limits_bench.UPSTREAM_CONNECTIONS), flush=True)
+            limits = limits_bench.bench_limits(workdir, extra)
         if not args.no_idle and not args.direct_only:
             print("Idle sessions: opening %d" % IDLE_SESSIONS, flush=True)
             idle = bench_idle(sink, workdir, extra)
     except (BenchError, auth_bench.LoadError) as exc:
         print_table(results, idle, args.runs)
         spool_bench.print_rows(*spool)
+        limits_bench.print_rows(limits)
         print("\nFAILED: %s" % exc, file=sys.stderr)
         return 1
     finally:
@@ -503,6 +513,7 @@ def main(argv: List[str]) -> int:
     if auth:
         auth_bench.print_auth(auth, args.runs)
     spool_bench.print_rows(*spool)
+    limits_bench.print_rows(limits)
     if idle and (idle.refused or idle.held != IDLE_SESSIONS or not idle.delivered):
         print("\nFAILED: the relay did not hold %d idle sessions" % IDLE_SESSIONS, file=sys.stderr)
         return 1
@@ -510,7 +521,8 @@ def main(argv: List[str]) -> int:
 
 
 if __name__ == "__main__":
-    # spool_bench imports this module's helpers by name: one module, one BenchError.
+    # spool_bench and limits_bench import this module's helpers by name: one module, one BenchError.
     sys.modules["run"] = sys.modules[__name__]
+    import limits_bench
     import spool_bench
     sys.exit(main(sys.argv[1:]))
