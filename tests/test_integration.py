@@ -257,9 +257,9 @@ def test_6_check_prints_every_capability_and_masks_every_secret(tmp_path):
                  "webhook_secret = ***", "oauth_token_url = https://tok:***@login.example.com/t/oauth2/v2.0/token",
                  "webhook_url = https://scan:***@scanner.example/check",
                  "  remote 1: starttls://u@x.com:***@a.example.com:587 auth=plain skipVerify=false "
-                 "recipient=(none) failover=mx",
+                 "recipient=(none) failover=mx limits: connections=20 (default) rate=none (default) recipients=none (default)",
                  "  remote 2: starttls://box@contoso.com@b.example.com:587 auth=xoauth2 skipVerify=false "
-                 "recipient=(none) failover=mx",
+                 "recipient=(none) failover=mx limits: connections=20 (default) rate=none (default) recipients=none (default)",
                  "  remote 3: file:%s" % (tmp_path / "outbox"), "configuration OK"]:
         assert line in out, result.stdout
     for secret in ("Rem0tePa55", "T0kenUrlPa55", "Cl1entSecret", "Refr3shToken", "WebhookUrlPa55", "HmacKey9"):

@@ -1,16 +1,18 @@
 """Remotes: what an upstream is and who gets which recipients.
 
-Owns `Remote` (the SPEC 5.1 URL grammar; its repr never shows the
-password). Must not route, talk to a remote or write a file.
+Owns `Remote` (the SPEC 5.1 URL grammar and the SPEC 13 limit parameters;
+its repr never shows the password). Must not route, talk to a remote or
+write a file.
 """
 
 import functools
 import re
 from dataclasses import dataclass, field, fields
-from typing import List, Optional, Pattern, Tuple
+from typing import Any, Dict, List, Optional, Pattern, Tuple
 from urllib.parse import unquote, urlsplit
 
 from relay_lib.config.goregex import translate
+from relay_lib.limits import Rate, parse_rate
 
 DEFAULT_PORTS = {"smtp": 25, "starttls": 587, "tls": 465, "smtps": 465}
 AUTH_METHODS = ("plain", "login", "xoauth2")
@@ -20,6 +22,9 @@ AUTH_METHODS = ("plain", "login", "xoauth2")
 SKIP_VERIFY_TRUE = ("", "1", "t", "true", "yes", "on")
 # Remote fields that are the URL itself rather than a parameter (see parameters()).
 _URL_FIELDS = ("scheme", "host", "port", "username", "password", "sender", "path")
+# The limit parameters (SPEC 13): -check shows them with the effective limits
+# and where each came from, not among the other parameters.
+LIMIT_FIELDS = ("connections", "rate", "recipients")
 _PARAM_NAMES = {"skip_verify": "skipVerify"}
 
 
@@ -38,6 +43,11 @@ class Remote:
     recipient: Optional[Pattern] = None
     path: Optional[str] = None
     failover: Optional[str] = None
+    # SPEC 13, as given in the URL (None when absent); the limits that apply
+    # are settings.remote_limits(remote).
+    connections: Optional[int] = None
+    rate: Optional[Rate] = None
+    recipients: Optional[Rate] = None
 
     @property
     def implicit_tls(self) -> bool:
@@ -68,7 +78,7 @@ class Remote:
         if self.scheme == "file":
             return found
         for f in fields(self):
-            if f.name in _URL_FIELDS:
+            if f.name in _URL_FIELDS or f.name in LIMIT_FIELDS:
                 continue
             value = getattr(self, f.name)
             if isinstance(value, bool):
@@ -144,6 +154,14 @@ def parse_remote(url: str) -> Remote:
     failover = params.pop("failover", None)
     if failover is not None and not failover:
         raise ValueError("%s: failover needs a group name (failover=NAME)" % _mask_raw(url))
+    limits: Dict[str, Any] = {}
+    for name, parse in (("connections", _parse_connections), ("rate", parse_rate), ("recipients", parse_rate)):
+        if name in params:
+            value = params.pop(name)
+            try:
+                limits[name] = parse(value)
+            except ValueError as exc:
+                raise ValueError("%s: %s=%s: %s" % (_mask_raw(url), name, value, exc)) from None
     if params:
         raise ValueError("%s: unknown parameter %s" % (_mask_raw(url), ", ".join(sorted(params))))
     sender = unquote(parts.path.lstrip("/")) or None
@@ -158,7 +176,17 @@ def parse_remote(url: str) -> Remote:
         skip_verify=skip != "false",
         recipient=recipient,
         failover=failover,
+        connections=limits.get("connections"),
+        rate=limits.get("rate"),
+        recipients=limits.get("recipients"),
     )
+
+
+def _parse_connections(text: str) -> int:
+    """connections=N: a whole number of at least 1 (SPEC 13)."""
+    if not re.fullmatch(r"[0-9]+", text) or int(text) < 1:
+        raise ValueError("must be a whole number of at least 1")
+    return int(text)
 
 
 def _parse_params(query: str) -> dict:

@@ -14,10 +14,11 @@ import urllib.parse
 from dataclasses import dataclass, field, replace
 from dataclasses import fields as dataclass_fields
 from types import MappingProxyType
-from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Pattern, Tuple
+from typing import Any, Callable, Dict, FrozenSet, List, Mapping, NamedTuple, Optional, Pattern, Tuple
 
 from relay_lib.config import goregex, sources
 from relay_lib.config.command_line import parse_command
+from relay_lib.config.remote_limits import DEFAULT_CONNECTIONS, RemoteLimits, account_key, effective_limits
 from relay_lib.config.remotes import Remote, parse_remote
 from relay_lib.limits import Rate, parse_rate
 from relay_lib.logs import FORMATS, LEVELS, mask_url
@@ -112,6 +113,13 @@ def parse_bool(text: str) -> bool:
     if low in _FALSE:
         return False
     raise ValueError("%r is not a boolean (use true or false)" % text)
+
+
+def _positive_duration(text: str) -> float:
+    seconds = parse_duration(text)
+    if seconds <= 0:
+        raise ValueError("%s must be longer than 0" % text)
+    return seconds
 
 
 def _integer(minimum: int, allow_unlimited: bool = False, zero: Optional[int] = None) -> Callable[[str], int]:
@@ -290,6 +298,15 @@ OPTIONS: Tuple[Option, ...] = (
     Option("failover_skip", "30s", _timeout(0.001), "skip a failover member this long after it failed to connect"),
     Option("remote_pool_size", "20", _integer(0), "idle connections kept per remote; 0 disables reuse"),
     Option("remote_pool_idle", "30s", _timeout(0.001), "close a pooled remote connection idle this long"),
+    Option("remote_connections", str(DEFAULT_CONNECTIONS), _integer(1),
+           "most connections open to each remote account at once, idle ones included"),
+    Option("remote_rate", "", parse_optional_rate,
+           "messages to each remote account: N at once, then N per UNIT (s, m, h, d), like 30/m; empty is none"),
+    Option("remote_recipients", "", parse_optional_rate,
+           "recipients to each remote account, N/UNIT like 10000/d; empty is none"),
+    Option("remote_wait", "30s", parse_duration, "how long a message may wait for room at its remote"),
+    Option("remote_quota_pause", "1h", _positive_duration,
+           "how long a remote that said its sending quota is spent gets nothing"),
     Option("command", "", parse_command, "program that receives each message on stdin"),
     Option("webhook_url", "", parse_webhook_url, "scanning webhook URL"),
     Option("webhook_timeout", "30s", _timeout(0.001), "total time for one webhook call"),
@@ -321,7 +338,14 @@ OPTION_NAMES = {o.name: o for o in OPTIONS}
 
 @dataclass(frozen=True)
 class Settings:
-    """The effective, validated configuration. Immutable; passed as an argument."""
+    """The effective, validated configuration. Immutable; passed as an argument.
+
+    `given` names the options that the file, the environment or a flag set
+    to a value that is not empty, as opposed to those left at their default.
+    The limits of a remote (SPEC 13), its own or its account's, come from
+    `remote_limits(remote)`; the ini options remote_connections, remote_rate
+    and remote_recipients are only what those limits start from.
+    """
 
     logfile: Optional[str]
     log_format: str
@@ -354,6 +378,11 @@ class Settings:
     failover_skip: float
     remote_pool_size: int
     remote_pool_idle: float
+    remote_connections: int
+    remote_rate: Optional[Rate]
+    remote_recipients: Optional[Rate]
+    remote_wait: float
+    remote_quota_pause: float
     command: Tuple[str, ...]
     webhook_url: Optional[str]
     webhook_timeout: float
@@ -379,6 +408,21 @@ class Settings:
     base_dir: str = "."
     raw: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
     warnings: Tuple[str, ...] = ()  # logged once at start-up and printed by -check
+    given: FrozenSet[str] = frozenset()
+    _limits: Mapping[Tuple[str, str, int, str], RemoteLimits] = field(default_factory=dict, repr=False,
+                                                                      compare=False)
+
+    def remote_limits(self, remote: Remote) -> Optional[RemoteLimits]:
+        """The limits in effect for `remote`, shared with every remote of its
+        account (`RemoteLimits.account`), computed once at load; None for a
+        file: remote, which has none.
+
+        Raises:
+            KeyError: a remote whose account is none of this configuration's.
+        """
+        if remote.scheme == "file":
+            return None
+        return self._limits[account_key(remote)]
 
 
 # -- the Go smtprelay file format (SPEC 2.2) ----------------------------------
@@ -460,6 +504,7 @@ def load(config_path: Optional[str] = None, flags: Optional[Mapping[str, str]] =
     """
     environ = os.environ if environ is None else environ
     raw = {o.name: o.default for o in OPTIONS}
+    given = set()
     base_dir = os.getcwd()
     warnings: List[str] = []
     if config_path:
@@ -467,10 +512,12 @@ def load(config_path: Optional[str] = None, flags: Optional[Mapping[str, str]] =
         base_dir = os.path.dirname(config_path)
         for key, (value, _) in (read_dotenv if dotenv else read_file)(config_path).items():
             raw[key] = value
+            given.add(key)
     for option in OPTIONS:
         env_value = environ.get(ENV_PREFIX + option.name.upper())
         if env_value:
             raw[option.name] = env_value
+            given.add(option.name)
     known = set(ENV_NOT_OPTIONS) | {ENV_PREFIX + o.name.upper() for o in OPTIONS}
     unknown = sorted(name for name in environ if name.upper().startswith(ENV_PREFIX) and name not in known
                      and not name.upper().startswith(ENV_TEST_PREFIX))
@@ -481,9 +528,10 @@ def load(config_path: Optional[str] = None, flags: Optional[Mapping[str, str]] =
         if key not in OPTION_NAMES:
             raise ConfigError(key, "unknown option")
         raw[key] = value
+        given.add(key)
     if not raw["hostname"].strip():
         raw["hostname"] = OPTION_NAMES["hostname"].default  # empty means the default, as in the Go program
-    values = {}
+    values: Dict[str, Any] = {}
     for option in OPTIONS:
         text = raw[option.name].strip()
         try:
@@ -499,10 +547,19 @@ def load(config_path: Optional[str] = None, flags: Optional[Mapping[str, str]] =
     values["remotes"] = _parse_remotes(raw["remotes"], base_dir)
     if not values["welcome_msg"]:
         values["welcome_msg"] = "%s ESMTP ready." % values["hostname"]
-    settings = Settings(config_path=config_path, base_dir=base_dir,
-                        raw=MappingProxyType(dict(raw)), **values)
+    chosen = frozenset(name for name in given if raw[name].strip())
+    # An option left at its default is no choice: the known provider rule
+    # comes before it (SPEC 13), so only options given are passed on.
+    ini_limits = {limit: values[option] for limit, option in _LIMIT_OPTIONS if option in chosen}
+    settings = Settings(config_path=config_path, base_dir=base_dir, raw=MappingProxyType(dict(raw)),
+                        given=chosen, _limits=MappingProxyType(effective_limits(values["remotes"], ini_limits)),
+                        **values)
     _validate(settings)
     return replace(settings, warnings=tuple(warnings + _meaningless(settings)))
+
+
+_LIMIT_OPTIONS = (("connections", "remote_connections"), ("rate", "remote_rate"),
+                  ("recipients", "remote_recipients"))
 
 
 def _meaningless(s: Settings) -> List[str]:
@@ -510,7 +567,7 @@ def _meaningless(s: Settings) -> List[str]:
     found = []
     if not s.remotes and not s.command:
         found.append("no remotes and no command configured: every message will be refused with 554")
-    schemes = {l.scheme for l in s.listen}
+    schemes = {listener.scheme for listener in s.listen}
     if s.local_forcetls and "starttls" not in schemes:
         found.append("local_forcetls has no effect: no starttls:// listener")
     if schemes == {"plain"}:
@@ -555,7 +612,7 @@ def _parse_remotes(text: str, base_dir: str) -> Tuple[Remote, ...]:
 
 def _validate(s: Settings) -> None:
     """Rules that involve more than one option or the file system."""
-    tls_listeners = [l for l in s.listen if l.scheme != "plain"]
+    tls_listeners = [listener for listener in s.listen if listener.scheme != "plain"]
     if bool(s.local_cert) != bool(s.local_key):
         raise ConfigError("local_cert" if s.local_key else "local_key",
                           "local_cert and local_key go together; set both or neither")
@@ -569,7 +626,7 @@ def _validate(s: Settings) -> None:
     if s.remote_certificate:
         _check_cert_pair("remote_certificate", s.remote_certificate, "remote_key", s.remote_key)
     if s.allowed_users:
-        plain = [l for l in s.listen if l.scheme == "plain"]
+        plain = [listener for listener in s.listen if listener.scheme == "plain"]
         if plain:
             raise ConfigError("allowed_users", "AUTH needs TLS, but listener %s is plain "
                               "(use starttls:// or tls://)" % (plain[0],))
@@ -625,8 +682,9 @@ def _shown(pattern: str) -> str:
 
 def describe(settings: Settings) -> List[str]:
     """`option = value` lines of the effective settings, secrets masked (-check):
-    each remote on a line of its own with all its parameters, and the Python
-    form of a regex that had to be translated."""
+    each remote on a line of its own with all its parameters and the limits
+    in effect with their source (SPEC 13), and the Python form of a regex
+    that had to be translated."""
     lines = []
     for option in OPTIONS:
         value = settings.raw.get(option.name, option.default)
@@ -648,7 +706,15 @@ def describe(settings: Settings) -> List[str]:
         if option.name == "remotes":
             for number, remote in enumerate(settings.remotes, 1):
                 params = " ".join("%s=%s" % (name, _shown(text)) for name, text in remote.parameters())
-                lines.append(("  remote %d: %s %s" % (number, remote.masked(), params)).rstrip())
+                line = ("  remote %d: %s %s" % (number, remote.masked(), params)).rstrip()
+                limits = settings.remote_limits(remote)
+                if limits is not None:
+                    line += " limits: " + limits.describe()
+                    shared = [str(n) for n, other in enumerate(settings.remotes, 1)
+                              if n != number and other.scheme != "file" and account_key(other) == limits.account]
+                    if shared:
+                        line += " (account shared with remote %s)" % ", ".join(shared)
+                lines.append(line)
     return lines
 
 

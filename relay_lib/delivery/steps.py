@@ -300,12 +300,8 @@ def make_dispatcher(settings: Settings) -> Dispatcher:
         tokens = oauth.TokenSource(settings.oauth_token_url, settings.oauth_client_id,
                                    settings.oauth_client_secret, settings.oauth_scope,
                                    settings.oauth_refresh_token, settings.remote_timeout)
-    from collections import namedtuple  # TEMPORARY scaffolding until the config lands
-    _L = namedtuple("_L", "connections rate recipients account")
-    limits_of = getattr(settings, "remote_limits", None) or (
-        lambda r: _L(20, None, None, (r.scheme, r.host.lower(), r.port, r.username or "")))
-    accounts = Accounts(limits_of, getattr(settings, "remote_wait", 30.0),
-                        getattr(settings, "remote_quota_pause", 3600.0), state_file(settings.spool_dir))
+    accounts = Accounts(settings.remote_limits, settings.remote_wait, settings.remote_quota_pause,
+                        state_file(settings.spool_dir))
     return Dispatcher(
         settings.hostname, settings.remote_timeout,
         client_cert=settings.remote_certificate, client_key=settings.remote_key,
