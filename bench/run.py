@@ -60,6 +60,7 @@ CONFIGS = [
 AUTH_ROWS = len(CONFIGS) + 1  # --only number of the AUTH rows (bench/auth_bench.py)
 SPOOL_ROWS = (AUTH_ROWS + 1, AUTH_ROWS + 2)  # --only numbers of the spool rows (bench/spool_bench.py)
 LIMITS_ROW = SPOOL_ROWS[1] + 1  # --only number of the remote-limits row (bench/limits_bench.py)
+CLIENTS_ROW = LIMITS_ROW + 1  # --only number of the client-limits row (bench/client_limits_bench.py)
 
 
 class BenchError(Exception):
@@ -440,10 +441,10 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=3, help="rounds per configuration (median is reported)")
     parser.add_argument("--scale", type=float, default=1.0, help="multiply the message counts (0.1 = quick try)")
-    parser.add_argument("--only", type=int, action="append", choices=range(1, LIMITS_ROW + 1),
+    parser.add_argument("--only", type=int, action="append", choices=range(1, CLIENTS_ROW + 1),
                         help="run only this configuration (1-%d; %d = the AUTH rows, %d and %d the "
-                        "spool's, %d the remote limits'); repeatable" % (
-                            len(CONFIGS), AUTH_ROWS, SPOOL_ROWS[0], SPOOL_ROWS[1], LIMITS_ROW))
+                        "spool's, %d the remote limits', %d the client limits'); repeatable" % (
+                            len(CONFIGS), AUTH_ROWS, SPOOL_ROWS[0], SPOOL_ROWS[1], LIMITS_ROW, CLIENTS_ROW))
     parser.add_argument("--no-idle", action="store_true", help="skip the idle sessions check")
     parser.add_argument("--set", action="append", default=[], metavar="OPTION=VALUE",
                         help="extra relay option for bench.ini, e.g. --set remote_pool_size=20")
@@ -469,9 +470,10 @@ def main(argv: List[str]) -> int:
     auth = None
     spool = (None, None)
     limits = None
+    clients = None
     try:
         # The limits row has an upstream of its own; every other row and the idle check use the sink.
-        if not args.only or set(args.only) != {LIMITS_ROW} or not args.no_idle:
+        if not args.only or not set(args.only) <= {LIMITS_ROW, CLIENTS_ROW} or not args.no_idle:
             sink = Sink(workdir)
         for folder in (args.profile, args.cprofile):
             if folder:
@@ -493,6 +495,10 @@ def main(argv: List[str]) -> int:
             print("Remote limits: %d clients x %d messages into a %d-connection upstream" % (
                 limits_bench.CLIENTS, limits_bench.PER_CLIENT, limits_bench.UPSTREAM_CONNECTIONS), flush=True)
             limits = limits_bench.bench_limits(workdir, extra)
+        if (not args.only or CLIENTS_ROW in args.only) and not args.direct_only:
+            print("Client limits: one client floods while %d others send" % client_limits_bench.NORMAL_CLIENTS,
+                  flush=True)
+            clients = client_limits_bench.bench_clients(workdir, extra)
         if not args.no_idle and not args.direct_only:
             print("Idle sessions: opening %d" % IDLE_SESSIONS, flush=True)
             idle = bench_idle(sink, workdir, extra)
@@ -500,6 +506,7 @@ def main(argv: List[str]) -> int:
         print_table(results, idle, args.runs)
         spool_bench.print_rows(*spool)
         limits_bench.print_rows(limits)
+        client_limits_bench.print_rows(clients)
         print("\nFAILED: %s" % exc, file=sys.stderr)
         return 1
     finally:
@@ -514,6 +521,7 @@ def main(argv: List[str]) -> int:
         auth_bench.print_auth(auth, args.runs)
     spool_bench.print_rows(*spool)
     limits_bench.print_rows(limits)
+    client_limits_bench.print_rows(clients)
     if idle and (idle.refused or idle.held != IDLE_SESSIONS or not idle.delivered):
         print("\nFAILED: the relay did not hold %d idle sessions" % IDLE_SESSIONS, file=sys.stderr)
         return 1
@@ -523,6 +531,7 @@ def main(argv: List[str]) -> int:
 if __name__ == "__main__":
     # spool_bench and limits_bench import this module's helpers by name: one module, one BenchError.
     sys.modules["run"] = sys.modules[__name__]
+    import client_limits_bench
     import limits_bench
     import spool_bench
     sys.exit(main(sys.argv[1:]))
