@@ -311,6 +311,10 @@ class _Session:
     def __init__(self, sim: UpstreamSim, sock: socket.socket):
         self.sim = sim
         self.sock = sock
+        # Each reply goes out at once, as a server that answers a pipelined
+        # batch in one write would: without this, Nagle holds the second
+        # small reply for the client's delayed ACK (up to 40 ms a message).
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.buf = bytearray()
         self.slot = False  # holds one of max_connections
         self.under_way = False  # a transaction counted by the rate limit
